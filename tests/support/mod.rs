@@ -1,0 +1,62 @@
+//! Test bed shared by the integration tests, the examples and the benchmarks: a throwaway
+//! PostgreSQL cluster, the PostgREST double, and small HTTP client helpers.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod double;
+pub mod pg;
+
+use std::time::Duration;
+
+use double::{DoubleOptions, PostgrestDouble};
+use pg::TestCluster;
+
+/// A cluster with `setup_sql` applied, and a double in front of it.
+pub struct TestBed {
+    pub pg: TestCluster,
+    pub double: PostgrestDouble,
+    pub http: client::HttpClient,
+}
+
+impl TestBed {
+    pub async fn start(setup_sql: &str) -> TestBed {
+        Self::start_with(setup_sql, |o| o).await
+    }
+
+    pub async fn start_with(
+        setup_sql: &str,
+        configure: impl FnOnce(DoubleOptions) -> DoubleOptions,
+    ) -> TestBed {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("info")
+            .try_init();
+        let pg = TestCluster::start().await;
+        if !setup_sql.is_empty() {
+            pg.sql(setup_sql).await;
+        }
+        let double = PostgrestDouble::start(configure(DoubleOptions::new(pg.uri("postgres"))))
+            .await
+            .expect("double starts");
+        TestBed {
+            pg,
+            double,
+            http: client::HttpClient::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.double.url(), path)
+    }
+
+    /// Sends NOTIFY and waits until the double has finished a load that started after it.
+    pub async fn notify_and_wait_reload(&self) {
+        let before = self.double.successful_loads();
+        self.pg.sql("NOTIFY pgrst, 'reload schema'").await;
+        let reloaded = client::eventually(Duration::from_secs(10), || async {
+            self.double.successful_loads() > before
+        })
+        .await;
+        assert!(reloaded, "the double did not reload after NOTIFY");
+    }
+}
