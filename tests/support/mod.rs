@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod double;
+pub mod echo;
+pub mod guard;
 pub mod pg;
 
 use std::time::Duration;

@@ -1,0 +1,474 @@
+//! Reads an upstream answer and returns a [`Verdict`]: pass it through, or heal it. PostgREST v13+
+//! names the error in `Proxy-Status`; older versions only in the JSON body, which is read for error
+//! statuses with a JSON content type and only up to a small cap. Success bodies are never touched.
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+
+use crate::body::{full, GuardBody};
+
+/// Error bodies larger than this are not PostgREST schema-cache errors; they pass unread.
+pub const ERROR_BODY_CAP: usize = 64 * 1024;
+
+/// The schema-cache errors a reload can cure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StaleCode {
+    /// PGRST200: no relationship for an embed.
+    Relationship,
+    /// PGRST202: no function.
+    Function,
+    /// PGRST204: no column.
+    Column,
+    /// PGRST205: no table (v13+).
+    Table,
+    /// Before v13, a write to a table missing from the cache is `404 {}`.
+    LegacyTableWrite,
+}
+
+impl StaleCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleCode::Relationship => "PGRST200",
+            StaleCode::Function => "PGRST202",
+            StaleCode::Column => "PGRST204",
+            StaleCode::Table => "PGRST205",
+            StaleCode::LegacyTableWrite => "404{}",
+        }
+    }
+}
+
+/// What the error says is missing, read from PostgREST's message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MissingObject {
+    Column {
+        table: String,
+        column: String,
+    },
+    Table {
+        schema: String,
+        table: String,
+    },
+    Function {
+        schema: String,
+        name: String,
+        args: Vec<String>,
+    },
+    Relationship {
+        parent: String,
+        child: String,
+    },
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not ours to heal: the answer goes to the client as it is.
+    PassThrough,
+    /// The schema cache lacks something: reload, wait, replay.
+    Stale {
+        code: StaleCode,
+        object: MissingObject,
+    },
+    /// PGRST002: PostgREST has no schema cache at all right now; wait it out and replay.
+    CacheEmpty,
+}
+
+#[derive(Deserialize)]
+struct PostgrestError {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// Classifies `response`; an error body that was read is put back, so the answer is whole either way.
+pub async fn inspect<B>(response: Response<B>, method: &Method) -> (Response<GuardBody>, Verdict)
+where
+    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let status = response.status();
+    let proxy_status_code = proxy_status_error(&response);
+    let worth_reading = match &proxy_status_code {
+        Some(code) => code_verdict(code, None) != Verdict::PassThrough,
+        None => {
+            matches!(
+                status,
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE
+            ) && is_json(&response)
+        }
+    };
+    if !worth_reading || *method == Method::HEAD {
+        let verdict = match &proxy_status_code {
+            Some(code) => code_verdict(code, None),
+            None => Verdict::PassThrough,
+        };
+        return (response.map(|b| b.map_err(Into::into).boxed()), verdict);
+    }
+    let (parts, body) = response.into_parts();
+    match read_capped(body, ERROR_BODY_CAP).await {
+        Ok(bytes) => {
+            let verdict = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
+            (Response::from_parts(parts, full(bytes)), verdict)
+        }
+        Err(partial) => (Response::from_parts(parts, partial), Verdict::PassThrough),
+    }
+}
+
+fn proxy_status_error<B>(response: &Response<B>) -> Option<String> {
+    let value = response.headers().get("proxy-status")?.to_str().ok()?;
+    let mut params = value.split(';').map(str::trim);
+    if !params.next()?.eq_ignore_ascii_case("PostgREST") {
+        return None;
+    }
+    params
+        .find_map(|p| p.strip_prefix("error="))
+        .map(|c| c.trim_matches('"').to_string())
+}
+
+fn is_json<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/json") || v.starts_with("application/vnd.pgrst")
+        })
+}
+
+fn body_verdict(
+    status: StatusCode,
+    method: &Method,
+    body: &[u8],
+    header_code: Option<&str>,
+) -> Verdict {
+    let parsed: Option<PostgrestError> = serde_json::from_slice(body).ok();
+    if status == StatusCode::NOT_FOUND
+        && body == b"{}"
+        && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
+    {
+        return Verdict::Stale {
+            code: StaleCode::LegacyTableWrite,
+            object: MissingObject::Unknown,
+        };
+    }
+    let Some(error) = parsed else {
+        return Verdict::PassThrough;
+    };
+    let code = header_code.map(str::to_string).or(error.code);
+    match code {
+        Some(code) => code_verdict(&code, error.message.as_deref()),
+        None => Verdict::PassThrough,
+    }
+}
+
+/// The heal policy by code. PGRST201/203 are ambiguities, not staleness, and every other error —
+/// including PGRST111/112, raised after a commit — passes through.
+pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
+    let object = || {
+        message
+            .map(missing_object)
+            .unwrap_or(MissingObject::Unknown)
+    };
+    let stale = |code| Verdict::Stale {
+        code,
+        object: object(),
+    };
+    match code {
+        "PGRST200" => stale(StaleCode::Relationship),
+        "PGRST202" => stale(StaleCode::Function),
+        "PGRST204" => stale(StaleCode::Column),
+        "PGRST205" => stale(StaleCode::Table),
+        "PGRST002" => Verdict::CacheEmpty,
+        _ => Verdict::PassThrough,
+    }
+}
+
+/// Reads PostgREST's message templates (Error.hs), old and new wordings.
+pub fn missing_object(message: &str) -> MissingObject {
+    let between = |text: &str, start: &str, end: &str| -> Option<String> {
+        text.strip_prefix(start)?
+            .strip_suffix(end)
+            .map(str::to_string)
+    };
+    if let Some(inner) = between(message, "Could not find the '", "' in the schema cache") {
+        if let Some((column, table)) = inner.split_once("' column of '") {
+            return MissingObject::Column {
+                table: table.to_string(),
+                column: column.to_string(),
+            };
+        }
+    }
+    if let Some(inner) = between(message, "Column '", "' does not exist") {
+        if let Some((column, table)) = inner.split_once("' of relation '") {
+            return MissingObject::Column {
+                table: table.to_string(),
+                column: column.to_string(),
+            };
+        }
+    }
+    if let Some(qualified) = between(
+        message,
+        "Could not find the table '",
+        "' in the schema cache",
+    ) {
+        if let Some((schema, table)) = qualified.split_once('.') {
+            return MissingObject::Table {
+                schema: schema.to_string(),
+                table: table.to_string(),
+            };
+        }
+    }
+    if let Some(inner) = between(
+        message,
+        "Could not find the function ",
+        " in the schema cache",
+    ) {
+        let (qualified, args) = if let Some(q) = inner.strip_suffix(" without parameters") {
+            (q.to_string(), Vec::new())
+        } else if let Some((q, list)) = inner.split_once('(') {
+            let list = list.trim_end_matches(')');
+            (
+                q.to_string(),
+                list.split(", ")
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            )
+        } else {
+            (inner.clone(), Vec::new())
+        };
+        if let Some((schema, name)) = qualified.split_once('.') {
+            return MissingObject::Function {
+                schema: schema.to_string(),
+                name: name.to_string(),
+                args,
+            };
+        }
+    }
+    if let Some(inner) = between(
+        message,
+        "Could not find a relationship between '",
+        "' in the schema cache",
+    ) {
+        if let Some((parent, child)) = inner.split_once("' and '") {
+            return MissingObject::Relationship {
+                parent: parent.to_string(),
+                child: child.to_string(),
+            };
+        }
+    }
+    MissingObject::Unknown
+}
+
+/// Collects at most `cap` bytes. When the body is longer, hands back a body that replays what was
+/// read and then streams the rest.
+async fn read_capped<B>(mut body: B, cap: usize) -> Result<Bytes, GuardBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let mut collected = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let error: crate::body::BoxError = e.into();
+                let prefix = collected.freeze();
+                let failed = futures_util::stream::iter(vec![
+                    Ok(http_body::Frame::data(prefix)),
+                    Err(error),
+                ]);
+                return Err(http_body_util::StreamBody::new(failed).boxed());
+            }
+        };
+        if let Some(data) = frame.data_ref() {
+            collected.extend_from_slice(data);
+            if collected.len() > cap {
+                let prefix = collected.freeze();
+                let head = http_body_util::Full::new(prefix).map_err(|never| match never {});
+                return Err(Chain {
+                    head: Some(head),
+                    tail: body.map_err(Into::into),
+                }
+                .boxed());
+            }
+        }
+    }
+    Ok(collected.freeze())
+}
+
+pin_project_lite::pin_project! {
+    /// One body after another: the part already read, then the rest of the stream.
+    struct Chain<H, T> {
+        #[pin] head: Option<H>,
+        #[pin] tail: T,
+    }
+}
+
+impl<H, T> Body for Chain<H, T>
+where
+    H: Body<Data = Bytes, Error = crate::body::BoxError>,
+    T: Body<Data = Bytes, Error = crate::body::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        if let Some(head) = this.head.as_mut().as_pin_mut() {
+            match std::task::ready!(head.poll_frame(cx)) {
+                Some(frame) => return std::task::Poll::Ready(Some(frame)),
+                None => this.head.set(None),
+            }
+        }
+        this.tail.poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_objects_from_postgrest_messages() {
+        assert_eq!(
+            missing_object(
+                "Could not find the 'artifact_ids' column of 'chat_messages' in the schema cache"
+            ),
+            MissingObject::Column {
+                table: "chat_messages".into(),
+                column: "artifact_ids".into()
+            }
+        );
+        assert_eq!(
+            missing_object("Column 'artifact_ids' of relation 'chat_messages' does not exist"),
+            MissingObject::Column {
+                table: "chat_messages".into(),
+                column: "artifact_ids".into()
+            }
+        );
+        assert_eq!(
+            missing_object("Could not find the table 'public.artifacts' in the schema cache"),
+            MissingObject::Table {
+                schema: "public".into(),
+                table: "artifacts".into()
+            }
+        );
+        assert_eq!(
+            missing_object(
+                "Could not find the function public.summarize(a, message_id) in the schema cache"
+            ),
+            MissingObject::Function {
+                schema: "public".into(),
+                name: "summarize".into(),
+                args: vec!["a".into(), "message_id".into()]
+            }
+        );
+        assert_eq!(
+            missing_object(
+                "Could not find the function public.ping without parameters in the schema cache"
+            ),
+            MissingObject::Function {
+                schema: "public".into(),
+                name: "ping".into(),
+                args: vec![]
+            }
+        );
+        assert_eq!(
+            missing_object("Could not find a relationship between 'chat_messages' and 'projects' in the schema cache"),
+            MissingObject::Relationship { parent: "chat_messages".into(), child: "projects".into() }
+        );
+    }
+
+    #[test]
+    fn only_staleness_is_healed() {
+        for code in [
+            "PGRST201", "PGRST203", "PGRST111", "PGRST112", "PGRST116", "23505", "42703",
+            "PGRST000",
+        ] {
+            assert_eq!(code_verdict(code, None), Verdict::PassThrough, "{code}");
+        }
+        assert_eq!(code_verdict("PGRST002", None), Verdict::CacheEmpty);
+        assert!(matches!(
+            code_verdict("PGRST204", None),
+            Verdict::Stale {
+                code: StaleCode::Column,
+                ..
+            }
+        ));
+    }
+
+    fn response(
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> Response<http_body_util::Full<Bytes>> {
+        let mut builder = Response::builder().status(status);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder
+            .body(http_body_util::Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn classifies_by_header_or_by_body_and_keeps_the_body() {
+        let body = r#"{"code":"PGRST204","details":null,"hint":null,"message":"Could not find the 'a' column of 't' in the schema cache"}"#;
+        let with_header = response(
+            400,
+            &[
+                ("proxy-status", "PostgREST; error=PGRST204"),
+                ("content-type", "application/json; charset=utf-8"),
+            ],
+            body,
+        );
+        let (kept, verdict) = inspect(with_header, &Method::POST).await;
+        assert!(matches!(
+            verdict,
+            Verdict::Stale {
+                code: StaleCode::Column,
+                object: MissingObject::Column { .. }
+            }
+        ));
+        assert_eq!(kept.into_body().collect().await.unwrap().to_bytes(), body);
+
+        let without_header = response(
+            400,
+            &[("content-type", "application/json; charset=utf-8")],
+            body,
+        );
+        assert!(matches!(
+            inspect(without_header, &Method::POST).await.1,
+            Verdict::Stale { .. }
+        ));
+
+        let legacy = response(
+            404,
+            &[("content-type", "application/json; charset=utf-8")],
+            "{}",
+        );
+        assert_eq!(
+            inspect(legacy, &Method::POST).await.1,
+            Verdict::Stale {
+                code: StaleCode::LegacyTableWrite,
+                object: MissingObject::Unknown
+            }
+        );
+
+        let ok = response(200, &[("content-type", "application/json")], "[]");
+        assert_eq!(inspect(ok, &Method::GET).await.1, Verdict::PassThrough);
+        let ambiguous = response(300, &[("proxy-status", "PostgREST; error=PGRST201")], "{}");
+        assert_eq!(
+            inspect(ambiguous, &Method::GET).await.1,
+            Verdict::PassThrough
+        );
+    }
+}

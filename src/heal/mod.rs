@@ -1,0 +1,35 @@
+//! The heal layer: a tower [`Layer`](tower::Layer) around the forwarder that makes stale schema
+//! caches invisible to clients.
+//!
+//! For each request:
+//! 1. the body streams to PostgREST through a [`ReplayBody`](replay_body::ReplayBody), which keeps
+//!    a copy up to `PGRST_GUARD_REPLAY_BODY_LIMIT`;
+//! 2. [`classify`] turns the answer into a [`Verdict`](classify::Verdict): pass through, stale
+//!    (PGRST200/202/204/205, or `404 {}` before v13), or cache empty (PGRST002);
+//! 3. for a stale verdict the [`ReloadCoordinator`](crate::reload::ReloadCoordinator) sends one
+//!    NOTIFY for all requests that fail together and says when the reload has finished;
+//! 4. the request is replayed; a healed answer carries `X-Pgrst-Guard: replayed`.
+//!
+//! These errors come from PostgREST's planning, before any SQL runs, so a replayed write is executed
+//! at most once.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # fn demo(config: &pgrst_guard::config::Config, coordinator: Arc<pgrst_guard::reload::ReloadCoordinator>, metrics: Arc<pgrst_guard::metrics::Metrics>) {
+//! use pgrst_guard::heal::{HealLayer, HealPolicy};
+//! use pgrst_guard::upstream::Forwarder;
+//! use tower::Layer;
+//!
+//! let policy = HealPolicy { replay_body_limit: 1 << 20, deadline: std::time::Duration::from_secs(10), empty_cache_backoff: std::time::Duration::from_millis(25) };
+//! let service = HealLayer::new(coordinator, policy, metrics).layer(Forwarder::new(config));
+//! # let _: pgrst_guard::heal::HealService<Forwarder<pgrst_guard::heal::replay_body::ReplayBody<hyper::body::Incoming>>> = service;
+//! # }
+//! ```
+
+pub mod classify;
+mod layer;
+pub mod replay_body;
+mod service;
+
+pub use layer::HealLayer;
+pub use service::{HealPolicy, HealService, REPLAYED_HEADER};

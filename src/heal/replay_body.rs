@@ -1,0 +1,186 @@
+//! A request body that streams to PostgREST while keeping a copy of what passed, up to a cap, so
+//! the request can be sent again after a reload. A body over the cap keeps no copy at all.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// What the recording side saw; shared with the heal service, which asks for it after the answer.
+#[derive(Debug, Default)]
+pub struct Tape {
+    chunks: Vec<Bytes>,
+    len: usize,
+    overflowed: bool,
+    complete: bool,
+}
+
+/// The heal service's handle on a recording.
+#[derive(Clone, Debug)]
+pub struct Recording {
+    tape: Arc<Mutex<Tape>>,
+}
+
+impl Recording {
+    /// The whole body, if it was read to its end and fit under the cap.
+    pub fn replayable(&self) -> Option<Bytes> {
+        let tape = self.tape.lock().expect("tape lock");
+        if tape.overflowed || !tape.complete {
+            return None;
+        }
+        Some(match tape.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut joined = BytesMut::with_capacity(tape.len);
+                for chunk in many {
+                    joined.extend_from_slice(chunk);
+                }
+                joined.freeze()
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// The body forwarded upstream: the client's body being recorded, or a replay of a recording.
+    #[project = ReplayBodyProj]
+    pub enum ReplayBody<B> {
+        Recording { #[pin] inner: B, tape: Arc<Mutex<Tape>>, limit: usize },
+        Replay { data: Option<Bytes> },
+    }
+}
+
+impl<B: Body<Data = Bytes>> ReplayBody<B> {
+    /// Wraps `inner`; `limit` is the most bytes kept for a replay.
+    pub fn record(inner: B, limit: usize) -> (ReplayBody<B>, Recording) {
+        let declared_too_big = inner.size_hint().lower() > limit as u64;
+        let tape = Arc::new(Mutex::new(Tape {
+            overflowed: declared_too_big,
+            complete: inner.is_end_stream(),
+            ..Tape::default()
+        }));
+        (
+            ReplayBody::Recording {
+                inner,
+                tape: tape.clone(),
+                limit,
+            },
+            Recording { tape },
+        )
+    }
+
+    pub fn replay(data: Bytes) -> ReplayBody<B> {
+        ReplayBody::Replay {
+            data: Some(data).filter(|d| !d.is_empty()),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project() {
+            ReplayBodyProj::Recording {
+                mut inner,
+                tape,
+                limit,
+            } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                // A client that knows the length may stop polling after the last byte, so the end is
+                // taken from the body's own account as well as from a final `None`.
+                let ended = inner.is_end_stream();
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            let mut tape = tape.lock().expect("tape lock");
+                            if !tape.overflowed {
+                                if tape.len + data.len() > *limit {
+                                    tape.overflowed = true;
+                                    tape.chunks = Vec::new();
+                                } else {
+                                    tape.len += data.len();
+                                    tape.chunks.push(data.clone());
+                                }
+                            }
+                            tape.complete |= ended;
+                        }
+                    }
+                    Poll::Ready(None) => tape.lock().expect("tape lock").complete = true,
+                    _ => {}
+                }
+                polled
+            }
+            ReplayBodyProj::Replay { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplayBody::Recording { inner, .. } => inner.is_end_stream(),
+            ReplayBody::Replay { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplayBody::Recording { inner, .. } => inner.size_hint(),
+            ReplayBody::Replay { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn chunked(
+        parts: &[&'static str],
+    ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn keeps_a_copy_of_a_small_body() {
+        let (body, recording) = ReplayBody::record(chunked(&["{\"a\":", "1}"]), 64);
+        assert_eq!(recording.replayable(), None, "not read yet");
+        let forwarded = body.collect().await.unwrap().to_bytes();
+        assert_eq!(forwarded, "{\"a\":1}");
+        assert_eq!(recording.replayable().unwrap(), "{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_streams_whole_but_keeps_nothing() {
+        let (body, recording) = ReplayBody::record(chunked(&["0123456789", "0123456789"]), 15);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 20);
+        assert_eq!(recording.replayable(), None);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_replayable_without_being_polled() {
+        let (_body, recording) = ReplayBody::record(Full::new(Bytes::new()), 15);
+        assert_eq!(recording.replayable().unwrap(), "");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_cap_is_not_recorded() {
+        let (body, recording) = ReplayBody::record(Full::new(Bytes::from_static(b"0123456789")), 5);
+        body.collect().await.unwrap();
+        assert_eq!(recording.replayable(), None);
+    }
+}

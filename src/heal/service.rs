@@ -1,0 +1,238 @@
+//! The heal service: forward, classify the answer, and for a stale schema cache take part in a
+//! reload and replay the request, so the client sees only the healed answer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http_body::Body;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+use super::classify::{self, Verdict};
+use super::replay_body::ReplayBody;
+use crate::body::GuardBody;
+use crate::metrics::Metrics;
+use crate::reload::coordinator::wait_out_empty_cache;
+use crate::reload::{ReloadCoordinator, Ticket};
+use crate::upstream::ClientAddr;
+
+pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
+
+#[derive(Clone, Debug)]
+pub struct HealPolicy {
+    pub replay_body_limit: usize,
+    pub deadline: Duration,
+    pub empty_cache_backoff: Duration,
+}
+
+pub struct HealService<S> {
+    pub(super) inner: S,
+    pub(super) coordinator: Arc<ReloadCoordinator>,
+    pub(super) policy: HealPolicy,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl<S: Clone> Clone for HealService<S> {
+    fn clone(&self) -> Self {
+        HealService {
+            inner: self.inner.clone(),
+            coordinator: self.coordinator.clone(),
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// What is needed to send the same request again.
+struct RequestTemplate {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    client_addr: Option<ClientAddr>,
+}
+
+impl RequestTemplate {
+    fn build<B: Body<Data = Bytes>>(&self, body: Bytes) -> Request<ReplayBody<B>> {
+        let mut request = Request::new(ReplayBody::replay(body));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        if let Some(addr) = self.client_addr {
+            request.extensions_mut().insert(addr);
+        }
+        request
+    }
+}
+
+impl<S, B> Service<Request<B>> for HealService<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<GuardBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(request).await) })
+    }
+}
+
+impl<S> HealService<S> {
+    async fn handle<B>(self, request: Request<B>) -> Response<GuardBody>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        B: Body<Data = Bytes> + Send + 'static,
+    {
+        let (parts, body) = request.into_parts();
+        let template = RequestTemplate {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            client_addr: parts.extensions.get::<ClientAddr>().copied(),
+        };
+        let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit);
+        let sent_at = Instant::now();
+        let first = self.send(Request::from_parts(parts, body)).await;
+        let (response, verdict) = classify::inspect(first, &template.method).await;
+        if verdict == Verdict::PassThrough {
+            return response;
+        }
+        let Some(replay_body) = recording.replayable() else {
+            tracing::info!(code = verdict_code(&verdict), outcome = "not_replayable", "stale schema cache, but the request body is over the replay cap or was not read whole; passing the error through");
+            self.metrics.heal(verdict_code(&verdict), "not_replayable");
+            return response;
+        };
+        self.heal(template, replay_body, response, verdict, sent_at)
+            .await
+    }
+
+    async fn send<B>(&self, request: Request<ReplayBody<B>>) -> Response<GuardBody>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        B: Body<Data = Bytes> + Send + 'static,
+    {
+        match self.inner.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Waits and replays until the answer is no longer a schema-cache error or the deadline passes;
+    /// then the last upstream answer goes to the client.
+    async fn heal<B>(
+        &self,
+        template: RequestTemplate,
+        body: Bytes,
+        mut last: Response<GuardBody>,
+        mut verdict: Verdict,
+        mut sent_at: Instant,
+    ) -> Response<GuardBody>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+        B: Body<Data = Bytes> + Send + 'static,
+    {
+        let started = Instant::now();
+        let deadline = started + self.policy.deadline;
+        let code = verdict_code(&verdict);
+        let object = match &verdict {
+            Verdict::Stale { object, .. } => format!("{object:?}"),
+            _ => String::new(),
+        };
+        let mut ticket: Option<Ticket> = None;
+        let (mut stale_attempts, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32);
+        let outcome = loop {
+            let proceed = match &verdict {
+                Verdict::PassThrough => break if replays > 0 { "healed" } else { "passed" },
+                Verdict::Stale { .. } => {
+                    if ticket.is_none() {
+                        match self.coordinator.join_or_start(sent_at).await {
+                            Ok((joined, started_reload)) => {
+                                if started_reload {
+                                    self.metrics.notify_sent();
+                                }
+                                ticket = Some(joined);
+                            }
+                            Err(e) => {
+                                tracing::warn!(code, error = %e, "cannot send the reload NOTIFY; passing the error through");
+                                break "no_database";
+                            }
+                        }
+                    }
+                    stale_attempts += 1;
+                    ticket
+                        .as_ref()
+                        .expect("ticket set above")
+                        .wait_before_replay(stale_attempts, deadline)
+                        .await
+                }
+                Verdict::CacheEmpty => {
+                    empty_attempts += 1;
+                    wait_out_empty_cache(empty_attempts, self.policy.empty_cache_backoff, deadline)
+                        .await
+                }
+            };
+            if !proceed {
+                break "gave_up";
+            }
+            sent_at = Instant::now();
+            replays += 1;
+            let replayed = self.send(template.build::<B>(body.clone())).await;
+            (last, verdict) = classify::inspect(replayed, &template.method).await;
+        };
+        let wait_ms = started.elapsed().as_millis() as u64;
+        if outcome == "healed" {
+            if let Some(ticket) = &ticket {
+                ticket.succeeded();
+            }
+            last.headers_mut()
+                .insert(REPLAYED_HEADER, HeaderValue::from_static("replayed"));
+        }
+        self.metrics.heal(code, outcome);
+        self.metrics.observe_heal_wait(started.elapsed());
+        tracing::info!(code, object = %object, wait_ms, replays, outcome, method = %template.method, path = template.uri.path(), "heal");
+        last
+    }
+}
+
+fn verdict_code(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Stale { code, .. } => code.as_str(),
+        Verdict::CacheEmpty => "PGRST002",
+        Verdict::PassThrough => "none",
+    }
+}

@@ -1,0 +1,129 @@
+//! The guard's own counters and histograms, rendered in Prometheus text on the admin listener.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds in seconds, shared by the latency histograms.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    total: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    responses: Mutex<BTreeMap<u16, u64>>,
+    heals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    notifies_sent: AtomicU64,
+    heal_wait: Histogram,
+    request_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn response(&self, status: u16, took: Duration) {
+        *self
+            .responses
+            .lock()
+            .expect("metrics lock")
+            .entry(status)
+            .or_default() += 1;
+        self.request_duration.observe(took);
+    }
+
+    pub fn heal(&self, code: &'static str, outcome: &'static str) {
+        *self
+            .heals
+            .lock()
+            .expect("metrics lock")
+            .entry((code, outcome))
+            .or_default() += 1;
+    }
+
+    pub fn notify_sent(&self) {
+        self.notifies_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn observe_heal_wait(&self, took: Duration) {
+        self.heal_wait.observe(took);
+    }
+
+    pub fn render(&self, database_connected: bool) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP pgrst_guard_responses_total Answers sent to clients, by status.\n# TYPE pgrst_guard_responses_total counter\n");
+        for (status, count) in self.responses.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "pgrst_guard_responses_total{{status=\"{status}\"}} {count}"
+            );
+        }
+        out.push_str("# HELP pgrst_guard_heals_total Schema-cache errors met, by code and outcome.\n# TYPE pgrst_guard_heals_total counter\n");
+        for ((code, outcome), count) in self.heals.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "pgrst_guard_heals_total{{code=\"{code}\",outcome=\"{outcome}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pgrst_guard_notifies_sent_total Reload NOTIFYs sent.\n# TYPE pgrst_guard_notifies_sent_total counter\npgrst_guard_notifies_sent_total {}",
+            self.notifies_sent.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pgrst_guard_database_connected Whether the NOTIFY connection is up.\n# TYPE pgrst_guard_database_connected gauge\npgrst_guard_database_connected {}",
+            u8::from(database_connected)
+        );
+        self.heal_wait.render(
+            &mut out,
+            "pgrst_guard_heal_wait_seconds",
+            "Time from a schema-cache error to the answer sent.",
+        );
+        self.request_duration.render(
+            &mut out,
+            "pgrst_guard_request_duration_seconds",
+            "Time from request to response head.",
+        );
+        out
+    }
+}

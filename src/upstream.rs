@@ -1,0 +1,222 @@
+//! The forwarder: one pooled keep-alive client to PostgREST, the upstream URL built from the
+//! configured base and the request's path only (never an open proxy), and header hygiene.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::Service;
+
+use crate::body::{BoxError, GuardBody};
+use crate::config::{Config, UpstreamUrl};
+use crate::error::{GuardError, GuardErrorKind};
+
+/// The client's address, put on each request by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub struct Forwarder<B> {
+    client: Client<HttpConnector, B>,
+    upstream: UpstreamUrl,
+    response_timeout: Duration,
+}
+
+impl<B> Clone for Forwarder<B> {
+    fn clone(&self) -> Self {
+        Forwarder {
+            client: self.client.clone(),
+            upstream: self.upstream.clone(),
+            response_timeout: self.response_timeout,
+        }
+    }
+}
+
+impl<B> Forwarder<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(config: &Config) -> Forwarder<B> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Forwarder {
+            client,
+            upstream: config.upstream.clone(),
+            response_timeout: config.upstream_timeout,
+        }
+    }
+
+    /// Where a request goes: the configured base plus the request's path and query.
+    pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
+        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path_and_query = if path_and_query.starts_with('/') {
+            path_and_query.to_string()
+        } else {
+            format!("/{path_and_query}")
+        };
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(format!("{}{}", self.upstream.path_prefix, path_and_query))
+            .build()
+    }
+
+    async fn forward(self, request: Request<B>) -> Response<GuardBody> {
+        let request_headers = request.headers().clone();
+        let (mut parts, body) = request.into_parts();
+        let original_authority = parts.uri.authority().map(|a| a.to_string());
+        parts.uri = match self.upstream_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return GuardError::new(GuardErrorKind::MalformedRequest, e.to_string())
+                    .into_response(&request_headers)
+            }
+        };
+        let client_addr = parts.extensions.get::<ClientAddr>().copied();
+        let original_host = request_headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| original_authority.and_then(|a| HeaderValue::from_str(&a).ok()));
+        prepare_request_headers(
+            &mut parts.headers,
+            &self.upstream,
+            client_addr,
+            original_host,
+        );
+        parts.version = Version::HTTP_11;
+        let sent = tokio::time::timeout(
+            self.response_timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+            }
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() { "connect" } else { "request" };
+                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
+                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e))
+                    .into_response(&request_headers)
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
+                GuardError::new(
+                    GuardErrorKind::UpstreamTimeout,
+                    format!(
+                        "No answer from {} within {} ms.",
+                        self.upstream,
+                        self.response_timeout.as_millis()
+                    ),
+                )
+                .into_response(&request_headers)
+            }
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Forwarder<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GuardBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(request).await) })
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Hop-by-hop headers out; `Host` becomes the upstream's; `X-Forwarded-*` say where it came from.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    upstream: &UpstreamUrl,
+    client: Option<ClientAddr>,
+    original_host: Option<HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(host) = original_host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Some(ClientAddr(addr)) = client {
+        let ip = addr.ip().to_string();
+        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(previous) => format!("{previous}, {ip}"),
+            None => ip,
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+    }
+    if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+        headers.insert(header::HOST, host);
+    }
+}

@@ -1,0 +1,83 @@
+//! Starting pgrst-guard in-process for a test, and a LISTENer that counts reload NOTIFYs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use pgrst_guard::config::{Config, RawConfig};
+use pgrst_guard::RunningGuard;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// A guard in front of `upstream`, NOTIFYing through `db_uri`; `extra` sets or overrides keys.
+pub async fn start_guard(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> RunningGuard {
+    let guard = start_guard_without_waiting(upstream, db_uri, extra).await;
+    let connected = super::client::eventually(std::time::Duration::from_secs(10), || async {
+        guard.notifier.is_connected()
+    })
+    .await;
+    assert!(connected, "guard's database connection did not come up");
+    guard
+}
+
+/// As [`start_guard`], without waiting for the guard's database connection.
+pub async fn start_guard_without_waiting(
+    upstream: &str,
+    db_uri: &str,
+    extra: &[(&str, &str)],
+) -> RunningGuard {
+    let mut raw = RawConfig::new();
+    raw.insert("PGRST_GUARD_LISTEN".into(), "127.0.0.1:0".into());
+    raw.insert("PGRST_GUARD_UPSTREAM".into(), upstream.into());
+    raw.insert("PGRST_GUARD_DB_URI".into(), db_uri.into());
+    for (k, v) in extra {
+        raw.insert(k.to_string(), v.to_string());
+    }
+    let config = Config::from_raw(&raw).expect("valid test config");
+    RunningGuard::start(config).await.expect("guard starts")
+}
+
+/// Counts `reload schema` (and empty) NOTIFYs on a channel, as PostgREST's listener would see them.
+pub struct NotifyCounter {
+    count: Arc<AtomicU64>,
+    _client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NotifyCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NotifyCounter {
+    pub async fn listen(db_uri: &str, channel: &str) -> NotifyCounter {
+        let (client, mut connection) = tokio_postgres::connect(db_uri, NoTls)
+            .await
+            .expect("counter connects");
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        let task = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message {
+                    if n.payload() == "reload schema" || n.payload().is_empty() {
+                        counted.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .expect("LISTEN");
+        NotifyCounter {
+            count,
+            _client: client,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
