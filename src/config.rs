@@ -292,7 +292,7 @@ impl Config {
         let admin_listen = get("PGRST_GUARD_ADMIN_LISTEN")
             .map(|v| socket("PGRST_GUARD_ADMIN_LISTEN", v))
             .transpose()?;
-        if admin_listen == Some(listen) {
+        if admin_listen == Some(listen) && listen.port() != 0 {
             return Err(error(
                 "PGRST_GUARD_ADMIN_LISTEN",
                 "must differ from PGRST_GUARD_LISTEN",

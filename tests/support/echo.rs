@@ -49,8 +49,17 @@ impl EchoServer {
 }
 
 async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.uri().path().starts_with("/slow") {
+    if request.uri().path().contains("/slow") {
         std::future::pending::<()>().await;
+    }
+    if request.uri().path().ends_with("/big") {
+        let size: usize = request
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; size]))));
     }
     let method = request.method().to_string();
     let uri = request.uri().to_string();

@@ -1,0 +1,155 @@
+//! The binary: configuration errors, help, sources and their precedence, secrets kept out of
+//! logs, and a clean stop on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pgrst_guard::config::{raw_from_env, Config};
+
+fn guard() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgrst-guard"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+fn fails_with(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "bad configuration exits 2");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    stderr
+}
+
+#[test]
+fn bad_configuration_names_the_key_in_one_line() {
+    let e = fails_with(&mut guard());
+    assert!(
+        e.contains("PGRST_GUARD_DB_URI") && e.contains("required"),
+        "{e}"
+    );
+    let e = fails_with(guard().args(["--db-uri", "postgres://u@h/db", "--upstream", "ftp://x"]));
+    assert!(e.contains("PGRST_GUARD_UPSTREAM"), "{e}");
+    let e = fails_with(
+        guard()
+            .env("PGRST_GUARD_DB_URI", "postgres://u@h/db")
+            .env("PGRST_GUARD_LISTEN", "nowhere"),
+    );
+    assert!(e.contains("PGRST_GUARD_LISTEN"), "{e}");
+    let e = fails_with(guard().env("PGRST_GUARD_DB_URI", "postgres://u:hunter2@h:port/db"));
+    assert!(
+        e.contains("PGRST_GUARD_DB_URI") && !e.contains("hunter2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn help_lists_every_key() {
+    let out = guard().arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for key in pgrst_guard::config::KEYS {
+        assert!(help.contains(key.env), "--help lacks {}", key.env);
+    }
+}
+
+#[test]
+fn the_documented_config_file_lists_every_key_and_parses() {
+    let documented = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/pgrst-guard.toml"
+    ))
+    .unwrap();
+    for key in pgrst_guard::config::KEYS {
+        assert!(
+            documented.contains(key.toml) && documented.contains(key.env),
+            "config/pgrst-guard.toml lacks {}",
+            key.env
+        );
+    }
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/pgrst-guard.toml"
+    ));
+    let raw = pgrst_guard::config::raw_from_toml(path).unwrap();
+    let mut flags = pgrst_guard::config::RawConfig::new();
+    flags.insert("PGRST_GUARD_DB_URI".into(), "postgres://u@h/db".into());
+    Config::load(Some(path), raw_from_env([]), flags).unwrap();
+    assert!(!raw.is_empty());
+}
+
+#[test]
+fn flags_win_over_environment_which_wins_over_the_file() {
+    let dir = std::env::temp_dir().join(format!("pgrst-guard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("guard.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:7001\"\nupstream = \"http://file:3000\"\ndb_uri = \"postgres://file@h/db\"\ndb_channel = \"from_file\"\nheal_deadline_ms = 5000\n").unwrap();
+    let env = raw_from_env([
+        (
+            "PGRST_GUARD_UPSTREAM".to_string(),
+            "http://env:3000/rest/v1".to_string(),
+        ),
+        ("PGRST_GUARD_DB_CHANNEL".to_string(), "from_env".to_string()),
+        ("UNRELATED".to_string(), "x".to_string()),
+    ]);
+    let mut flags = pgrst_guard::config::RawConfig::new();
+    flags.insert("PGRST_GUARD_DB_CHANNEL".into(), "from_flag".into());
+    let config = Config::load(Some(&file), env, flags).unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:7001");
+    assert_eq!(config.upstream.to_string(), "http://env:3000/rest/v1");
+    assert_eq!(config.db_channel, "from_flag");
+    assert_eq!(config.heal_deadline, Duration::from_secs(5));
+
+    std::fs::write(&file, "listne = \"127.0.0.1:7001\"\n").unwrap();
+    let e = fails_with(guard().arg("--config").arg(&file));
+    assert!(e.contains("unknown key") && e.contains("listne"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
+    let port = support::pg::free_port();
+    let mut child = guard()
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            "http://127.0.0.1:9/rest/v1",
+        ])
+        .env(
+            "PGRST_GUARD_DB_URI",
+            "postgres://authenticator:s3cret-pw@127.0.0.1:1/postgres",
+        )
+        .env("PGRST_GUARD_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("cannot connect to the database") {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    seen.extend(lines.map_while(Result::ok));
+    assert_eq!(exit.code(), Some(0), "SIGTERM stops with 0; log: {seen:?}");
+    let log = seen.join("\n");
+    assert!(log.contains("pgrst-guard listening"), "{log}");
+    assert!(log.contains("authenticator:***@"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "password leaked: {log}");
+    for line in &seen {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+}

@@ -1,0 +1,239 @@
+//! What pgrst-guard forwards, and how it answers when PostgREST cannot.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::echo::EchoServer;
+use support::guard::{start_guard, start_guard_without_waiting};
+use support::pg::{free_port, TestCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn echo_guard(
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> (EchoServer, pgrst_guard::RunningGuard) {
+    let echo = EchoServer::start().await;
+    let guard = start_guard_without_waiting(
+        &format!("{}{prefix}", echo.url()),
+        "postgres://postgres@127.0.0.1:1/postgres",
+        extra,
+    )
+    .await;
+    (echo, guard)
+}
+
+#[tokio::test]
+async fn forwards_method_path_query_headers_and_body_under_the_prefix() {
+    let (echo, guard) = echo_guard("/rest/v1", &[]).await;
+    let http = support::client::HttpClient::new();
+    let r = http
+        .send(
+            Method::PATCH,
+            &format!("{}/chat_messages?id=eq.1&select=id,content", guard.url()),
+            &[
+                ("apikey", "anon-key"),
+                ("authorization", "Bearer user.jwt"),
+                ("prefer", "return=representation"),
+                ("connection", "keep-alive, x-drop-me"),
+                ("x-drop-me", "hop"),
+                ("keep-alive", "timeout=5"),
+            ],
+            r#"{"content":"edited"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let seen = r.json();
+    assert_eq!(seen["method"], "PATCH");
+    assert_eq!(
+        seen["uri"],
+        "/rest/v1/chat_messages?id=eq.1&select=id,content"
+    );
+    assert_eq!(seen["body"], r#"{"content":"edited"}"#);
+    let headers = &seen["headers"];
+    assert_eq!(headers["apikey"], "anon-key");
+    assert_eq!(headers["authorization"], "Bearer user.jwt");
+    assert_eq!(headers["prefer"], "return=representation");
+    assert!(
+        headers.get("x-drop-me").is_none() && headers.get("keep-alive").is_none(),
+        "hop-by-hop headers dropped: {headers}"
+    );
+    assert_eq!(headers["host"], echo.addr.to_string());
+    assert_eq!(headers["x-forwarded-host"], guard.addr.to_string());
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        r.header("x-secret-hop"),
+        None,
+        "headers the upstream named in Connection are dropped"
+    );
+}
+
+#[tokio::test]
+async fn an_absolute_uri_still_goes_only_to_the_configured_upstream() {
+    let (_echo, guard) = echo_guard("", &[]).await;
+    let mut stream = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    stream
+        .write_all(b"GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(r#""uri":"/latest/meta-data""#),
+        "went to the configured upstream: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let (_echo, guard) = echo_guard("", &[]).await;
+    let http = support::client::HttpClient::new();
+    let upload = vec![b'a'; 8 << 20];
+    let r = http
+        .send(
+            Method::POST,
+            &format!("{}/upload", guard.url()),
+            &[],
+            upload,
+        )
+        .await;
+    assert_eq!(r.json()["body_len"], 8 << 20);
+    let r = http
+        .get(&format!("{}/big?n={}", guard.url(), 16 << 20))
+        .await;
+    assert_eq!(r.body.len(), 16 << 20);
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let (_echo, guard) = echo_guard("", &[]).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = Request::get(format!("{}/h2?x=1", guard.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let seen: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(seen["uri"], "/h2?x=1");
+    assert_eq!(seen["version"], "HTTP/1.1");
+    assert_eq!(seen["headers"]["x-forwarded-host"], guard.addr.to_string());
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gets_a_502_a_browser_can_read() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let guard =
+        start_guard_without_waiting(&dead, "postgres://postgres@127.0.0.1:1/postgres", &[]).await;
+    let http = support::client::HttpClient::new();
+    let r = http
+        .send(
+            Method::GET,
+            &format!("{}/chat_messages", guard.url()),
+            &[("origin", "https://app.example")],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let body = r.json();
+    assert_eq!(body["code"], "PGRSTG01");
+    assert_eq!(body["message"], "Could not reach PostgREST.");
+    assert!(body.get("details").is_some() && body.get("hint").is_some());
+    assert!(r
+        .header("proxy-status")
+        .unwrap()
+        .starts_with("pgrst-guard; error=destination_unavailable"));
+}
+
+#[tokio::test]
+async fn a_silent_upstream_gets_a_504_in_time() {
+    let (_echo, guard) = echo_guard("", &[("PGRST_GUARD_UPSTREAM_TIMEOUT_MS", "300")]).await;
+    let http = support::client::HttpClient::new();
+    let started = std::time::Instant::now();
+    let r = http
+        .send(
+            Method::GET,
+            &format!("{}/slow", guard.url()),
+            &[("origin", "https://app.example")],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["code"], "PGRSTG02");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn cors_preflight_passes_through_to_postgrest() {
+    let pg = TestCluster::start().await;
+    pg.sql("CREATE TABLE t (id int)").await;
+    let double = support::double::PostgrestDouble::start(support::double::DoubleOptions::new(
+        pg.uri("postgres"),
+    ))
+    .await
+    .unwrap();
+    let guard = start_guard(&double.url(), &pg.uri("postgres"), &[]).await;
+    let http = support::client::HttpClient::new();
+    let r = http
+        .send(
+            Method::OPTIONS,
+            &format!("{}/t", guard.url()),
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "apikey,content-type"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("server"),
+        Some("postgrest/14.17"),
+        "answered by PostgREST, not the guard"
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("apikey"));
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    let (_echo, guard) = echo_guard("", &[("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")]).await;
+    let admin = format!("http://{}", guard.admin_addr.unwrap());
+    let http = support::client::HttpClient::new();
+    assert_eq!(
+        http.get(&format!("{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
+    let ready = http.get(&format!("{admin}/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["database"], "disconnected");
+    http.get(&format!("{}/x", guard.url())).await;
+    let metrics = http.get(&format!("{admin}/metrics")).await.text();
+    assert!(
+        metrics.contains("pgrst_guard_responses_total{status=\"200\"} 1"),
+        "{metrics}"
+    );
+}
