@@ -57,7 +57,10 @@ pub async fn handle(
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(state.notifier.is_connected()),
+            state.metrics.render(
+                state.notifier.is_connected(),
+                state.notifier.notifications_seen(),
+            ),
         ),
         _ => (
             StatusCode::NOT_FOUND,

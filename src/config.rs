@@ -34,6 +34,10 @@ pub const KEYS: &[Key] = &[
     Key { env: "PGRST_GUARD_REPLAY_BODY_LIMIT", toml: "replay_body_limit", default: Some("1048576"), help: "largest request body (bytes) kept for a replay; bigger ones stream through unhealed" },
     Key { env: "PGRST_GUARD_RETRY_BACKOFF_MS", toml: "retry_backoff_ms", default: Some("25"), help: "first back-off before a replay when reload completion cannot be observed; doubles up to 1 s" },
     Key { env: "PGRST_GUARD_ADMIN_POLL_MS", toml: "admin_poll_ms", default: Some("10"), help: "how often the admin /metrics is polled while a reload is awaited" },
+    Key { env: "PGRST_GUARD_DB_SCHEMAS", toml: "db_schemas", default: Some("public"), help: "PostgREST's db-schemas, comma-separated; the first is the default for unqualified names" },
+    Key { env: "PGRST_GUARD_CATALOG_CHECK", toml: "catalog_check", default: Some("true"), help: "ask the catalog whether a missing object exists before reloading (true or false)" },
+    Key { env: "PGRST_GUARD_CATALOG_REMEMBER_MS", toml: "catalog_remember_ms", default: Some("5000"), help: "how long a 'does not exist' answer of the catalog check is remembered" },
+    Key { env: "PGRST_GUARD_RELOAD_MIN_INTERVAL_MS", toml: "reload_min_interval_ms", default: Some("1000"), help: "reload budget: at most one NOTIFY from this guard per interval" },
     Key { env: "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS", toml: "upstream_connect_timeout_ms", default: Some("3000"), help: "upstream TCP connect timeout; past it the client gets 502" },
     Key { env: "PGRST_GUARD_UPSTREAM_TIMEOUT_MS", toml: "upstream_timeout_ms", default: Some("60000"), help: "time for the upstream to start answering; past it the client gets 504" },
     Key { env: "PGRST_GUARD_LOG_FORMAT", toml: "log_format", default: Some("text"), help: "log format: text or json" },
@@ -167,6 +171,10 @@ pub struct Config {
     pub replay_body_limit: usize,
     pub retry_backoff: Duration,
     pub admin_poll: Duration,
+    pub db_schemas: Vec<String>,
+    pub catalog_check: bool,
+    pub catalog_remember: Duration,
+    pub reload_min_interval: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub log_format: LogFormat,
@@ -308,6 +316,27 @@ impl Config {
                 ))
             }
         };
+        let db_schemas: Vec<String> = required("PGRST_GUARD_DB_SCHEMAS")?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if db_schemas.is_empty() {
+            return Err(error("PGRST_GUARD_DB_SCHEMAS", "needs at least one schema"));
+        }
+        let catalog_check = match required("PGRST_GUARD_CATALOG_CHECK")?
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            other => {
+                return Err(error(
+                    "PGRST_GUARD_CATALOG_CHECK",
+                    format!("expected true or false, got {other:?}"),
+                ))
+            }
+        };
         let log_level = required("PGRST_GUARD_LOG_LEVEL")?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(error(
@@ -326,6 +355,12 @@ impl Config {
             replay_body_limit: number("PGRST_GUARD_REPLAY_BODY_LIMIT")? as usize,
             retry_backoff: millis("PGRST_GUARD_RETRY_BACKOFF_MS")?,
             admin_poll: millis("PGRST_GUARD_ADMIN_POLL_MS")?,
+            db_schemas,
+            catalog_check,
+            catalog_remember: Duration::from_millis(number("PGRST_GUARD_CATALOG_REMEMBER_MS")?),
+            reload_min_interval: Duration::from_millis(number(
+                "PGRST_GUARD_RELOAD_MIN_INTERVAL_MS",
+            )?),
             upstream_connect_timeout: millis("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")?,
             upstream_timeout: millis("PGRST_GUARD_UPSTREAM_TIMEOUT_MS")?,
             log_format,

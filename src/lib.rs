@@ -38,7 +38,7 @@ use config::Config;
 use heal::replay_body::ReplayBody;
 use heal::{HealLayer, HealPolicy};
 use metrics::Metrics;
-use reload::{LoadCounter, Notifier, ReloadCoordinator, WaitSettings};
+use reload::{CatalogCheck, LoadCounter, Notifier, ReloadCoordinator, WaitSettings};
 use upstream::Forwarder;
 
 /// How long in-flight requests and heals get to finish after a shutdown signal.
@@ -63,20 +63,21 @@ impl RunningGuard {
             deadline: config.heal_deadline,
             backoff: config.retry_backoff,
             poll: config.admin_poll,
+            min_interval: config.reload_min_interval,
         };
-        let coordinator = Arc::new(ReloadCoordinator::new(
-            notifier.clone(),
-            config.upstream_admin.as_ref().map(LoadCounter::new),
-            settings,
-        ));
+        let load_counter = config.upstream_admin.as_ref().map(LoadCounter::new);
+        let coordinator = ReloadCoordinator::start(notifier.clone(), load_counter, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
             deadline: config.heal_deadline,
             empty_cache_backoff: config.retry_backoff,
+            default_schema: config.db_schemas[0].clone(),
         };
-        let service =
-            HealLayer::new(coordinator, policy, metrics.clone())
-                .layer(Forwarder::<ReplayBody<Incoming>>::new(&config));
+        let catalog = config
+            .catalog_check
+            .then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
+        let service = HealLayer::new(coordinator, policy, metrics.clone(), catalog)
+            .layer(Forwarder::<ReplayBody<Incoming>>::new(&config));
 
         let listener = server::bind(config.listen).await?;
         let addr = listener.local_addr()?;

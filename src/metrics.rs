@@ -56,6 +56,7 @@ pub struct Metrics {
     responses: Mutex<BTreeMap<u16, u64>>,
     heals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     notifies_sent: AtomicU64,
+    catalog_checks: Mutex<BTreeMap<&'static str, u64>>,
     heal_wait: Histogram,
     request_duration: Histogram,
 }
@@ -80,6 +81,15 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    pub fn catalog_check(&self, result: &'static str) {
+        *self
+            .catalog_checks
+            .lock()
+            .expect("metrics lock")
+            .entry(result)
+            .or_default() += 1;
+    }
+
     pub fn notify_sent(&self) {
         self.notifies_sent.fetch_add(1, Ordering::Relaxed);
     }
@@ -88,7 +98,7 @@ impl Metrics {
         self.heal_wait.observe(took);
     }
 
-    pub fn render(&self, database_connected: bool) -> String {
+    pub fn render(&self, database_connected: bool, notifies_seen: u64) -> String {
         let mut out = String::new();
         out.push_str("# HELP pgrst_guard_responses_total Answers sent to clients, by status.\n# TYPE pgrst_guard_responses_total counter\n");
         for (status, count) in self.responses.lock().expect("metrics lock").iter() {
@@ -108,6 +118,17 @@ impl Metrics {
             out,
             "# HELP pgrst_guard_notifies_sent_total Reload NOTIFYs sent.\n# TYPE pgrst_guard_notifies_sent_total counter\npgrst_guard_notifies_sent_total {}",
             self.notifies_sent.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP pgrst_guard_catalog_checks_total Catalog checks before a reload, by result.\n# TYPE pgrst_guard_catalog_checks_total counter\n");
+        for (result, count) in self.catalog_checks.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "pgrst_guard_catalog_checks_total{{result=\"{result}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pgrst_guard_notifies_seen_total Reload NOTIFYs sent by others and seen on the channel.\n# TYPE pgrst_guard_notifies_seen_total counter\npgrst_guard_notifies_seen_total {notifies_seen}"
         );
         let _ = writeln!(
             out,

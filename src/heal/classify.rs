@@ -74,6 +74,10 @@ pub enum Verdict {
     },
     /// PGRST002: PostgREST has no schema cache at all right now; wait it out and replay.
     CacheEmpty,
+    /// 42P01, 42703 or 42883 from PostgreSQL: a stale cache built SQL for a dropped or renamed
+    /// object, or the client named one that does not exist. Healed only while a reload is known
+    /// to be in progress; the transaction was rolled back.
+    StaleDatabase { code: &'static str },
 }
 
 #[derive(Deserialize)]
@@ -181,6 +185,9 @@ pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
         "PGRST204" => stale(StaleCode::Column),
         "PGRST205" => stale(StaleCode::Table),
         "PGRST002" => Verdict::CacheEmpty,
+        "42P01" => Verdict::StaleDatabase { code: "42P01" },
+        "42703" => Verdict::StaleDatabase { code: "42703" },
+        "42883" => Verdict::StaleDatabase { code: "42883" },
         _ => Verdict::PassThrough,
     }
 }
@@ -394,6 +401,10 @@ mod tests {
             assert_eq!(code_verdict(code, None), Verdict::PassThrough, "{code}");
         }
         assert_eq!(code_verdict("PGRST002", None), Verdict::CacheEmpty);
+        assert_eq!(
+            code_verdict("42703", None),
+            Verdict::StaleDatabase { code: "42703" }
+        );
         assert!(matches!(
             code_verdict("PGRST204", None),
             Verdict::Stale {

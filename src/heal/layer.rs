@@ -4,7 +4,7 @@ use tower::Layer;
 
 use super::service::{HealPolicy, HealService};
 use crate::metrics::Metrics;
-use crate::reload::ReloadCoordinator;
+use crate::reload::{CatalogCheck, ReloadCoordinator};
 
 /// Wraps a forwarder in a [`HealService`].
 #[derive(Clone)]
@@ -12,18 +12,23 @@ pub struct HealLayer {
     coordinator: Arc<ReloadCoordinator>,
     policy: HealPolicy,
     metrics: Arc<Metrics>,
+    catalog: Option<Arc<CatalogCheck>>,
 }
 
 impl HealLayer {
+    /// `catalog` keeps clients' own mistakes from causing reloads; None turns the check off,
+    /// leaving the reload budget as the only limit.
     pub fn new(
         coordinator: Arc<ReloadCoordinator>,
         policy: HealPolicy,
         metrics: Arc<Metrics>,
+        catalog: Option<Arc<CatalogCheck>>,
     ) -> HealLayer {
         HealLayer {
             coordinator,
             policy,
             metrics,
+            catalog,
         }
     }
 }
@@ -37,6 +42,7 @@ impl<S> Layer<S> for HealLayer {
             coordinator: self.coordinator.clone(),
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
+            catalog: self.catalog.clone(),
         }
     }
 }

@@ -6,8 +6,10 @@
 //!    a copy up to `PGRST_GUARD_REPLAY_BODY_LIMIT`;
 //! 2. [`classify`] turns the answer into a [`Verdict`](classify::Verdict): pass through, stale
 //!    (PGRST200/202/204/205, or `404 {}` before v13), or cache empty (PGRST002);
-//! 3. for a stale verdict the [`ReloadCoordinator`](crate::reload::ReloadCoordinator) sends one
-//!    NOTIFY for all requests that fail together and says when the reload has finished;
+//! 3. for a stale verdict the [`CatalogCheck`](crate::reload::CatalogCheck) asks the database whether
+//!    the object exists (if not, the error is the client's and passes through at once); then the
+//!    [`ReloadCoordinator`](crate::reload::ReloadCoordinator) sends one NOTIFY for all requests that
+//!    fail together (or joins a reload someone else asked for) and says when it has finished;
 //! 4. the request is replayed; a healed answer carries `X-Pgrst-Guard: replayed`.
 //!
 //! These errors come from PostgREST's planning, before any SQL runs, so a replayed write is executed
@@ -15,13 +17,18 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # fn demo(config: &pgrst_guard::config::Config, coordinator: Arc<pgrst_guard::reload::ReloadCoordinator>, metrics: Arc<pgrst_guard::metrics::Metrics>) {
+//! # fn demo(config: &pgrst_guard::config::Config, coordinator: Arc<pgrst_guard::reload::ReloadCoordinator>, metrics: Arc<pgrst_guard::metrics::Metrics>, catalog: Arc<pgrst_guard::reload::CatalogCheck>) {
 //! use pgrst_guard::heal::{HealLayer, HealPolicy};
 //! use pgrst_guard::upstream::Forwarder;
 //! use tower::Layer;
 //!
-//! let policy = HealPolicy { replay_body_limit: 1 << 20, deadline: std::time::Duration::from_secs(10), empty_cache_backoff: std::time::Duration::from_millis(25) };
-//! let service = HealLayer::new(coordinator, policy, metrics).layer(Forwarder::new(config));
+//! let policy = HealPolicy {
+//!     replay_body_limit: 1 << 20,
+//!     deadline: std::time::Duration::from_secs(10),
+//!     empty_cache_backoff: std::time::Duration::from_millis(25),
+//!     default_schema: "public".to_string(),
+//! };
+//! let service = HealLayer::new(coordinator, policy, metrics, Some(catalog)).layer(Forwarder::new(config));
 //! # let _: pgrst_guard::heal::HealService<Forwarder<pgrst_guard::heal::replay_body::ReplayBody<hyper::body::Incoming>>> = service;
 //! # }
 //! ```

@@ -14,12 +14,13 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+use super::classify::MissingObject;
 use super::classify::{self, Verdict};
 use super::replay_body::ReplayBody;
 use crate::body::GuardBody;
 use crate::metrics::Metrics;
-use crate::reload::coordinator::wait_out_empty_cache;
-use crate::reload::{ReloadCoordinator, Ticket};
+use crate::reload::coordinator::backoff_wait;
+use crate::reload::{CatalogAnswer, CatalogCheck, ReloadCoordinator, Ticket};
 use crate::upstream::ClientAddr;
 
 pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
@@ -29,6 +30,9 @@ pub struct HealPolicy {
     pub replay_body_limit: usize,
     pub deadline: Duration,
     pub empty_cache_backoff: Duration,
+    /// Where unqualified names live: PostgREST's first exposed schema, unless the request picks
+    /// another with `Accept-Profile` / `Content-Profile`.
+    pub default_schema: String,
 }
 
 pub struct HealService<S> {
@@ -36,6 +40,8 @@ pub struct HealService<S> {
     pub(super) coordinator: Arc<ReloadCoordinator>,
     pub(super) policy: HealPolicy,
     pub(super) metrics: Arc<Metrics>,
+    /// None when the catalog check is turned off.
+    pub(super) catalog: Option<Arc<CatalogCheck>>,
 }
 
 impl<S: Clone> Clone for HealService<S> {
@@ -45,6 +51,7 @@ impl<S: Clone> Clone for HealService<S> {
             coordinator: self.coordinator.clone(),
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
+            catalog: self.catalog.clone(),
         }
     }
 }
@@ -148,7 +155,7 @@ impl<S> HealService<S> {
     }
 
     /// Waits and replays until the answer is no longer a schema-cache error or the deadline passes;
-    /// then the last upstream answer goes to the client.
+    /// then the last upstream answer goes to the client unchanged.
     async fn heal<B>(
         &self,
         template: RequestTemplate,
@@ -169,41 +176,82 @@ impl<S> HealService<S> {
         let started = Instant::now();
         let deadline = started + self.policy.deadline;
         let code = verdict_code(&verdict);
-        let object = match &verdict {
-            Verdict::Stale { object, .. } => format!("{object:?}"),
-            _ => String::new(),
-        };
+        let schema = request_schema(&template, &self.policy.default_schema);
+        let mut object = String::new();
         let mut ticket: Option<Ticket> = None;
-        let (mut stale_attempts, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32);
+        let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) =
+            (0u32, 0u32, 0u32, 0u32);
         let outcome = loop {
             let proceed = match &verdict {
                 Verdict::PassThrough => break if replays > 0 { "healed" } else { "passed" },
-                Verdict::Stale { .. } => {
+                Verdict::Stale {
+                    code: stale_code,
+                    object: named,
+                } => {
                     if ticket.is_none() {
+                        if flights == 0 {
+                            let named = with_path_table(named, &template, &schema);
+                            object = format!("{named:?}");
+                            if let Some(catalog) = &self.catalog {
+                                let answer = catalog.exists(&named, &schema).await;
+                                self.metrics.catalog_check(answer.as_str());
+                                if matches!(
+                                    answer,
+                                    CatalogAnswer::Missing | CatalogAnswer::RememberedMissing
+                                ) {
+                                    break "client_error";
+                                }
+                            }
+                        }
+                        // One reload of our own after the first one offered nothing: the catalog
+                        // says the object exists, so the cache may have gone stale again.
+                        if flights >= 2 || Instant::now() >= deadline {
+                            break "gave_up";
+                        }
                         match self.coordinator.join_or_start(sent_at).await {
-                            Ok((joined, started_reload)) => {
-                                if started_reload {
+                            Ok((joined, sent)) => {
+                                if sent {
                                     self.metrics.notify_sent();
                                 }
                                 ticket = Some(joined);
+                                flights += 1;
+                                attempts_in_flight = 0;
                             }
                             Err(e) => {
-                                tracing::warn!(code, error = %e, "cannot send the reload NOTIFY; passing the error through");
+                                tracing::warn!(code = stale_code.as_str(), error = %e, "cannot send the reload NOTIFY; passing the error through");
                                 break "no_database";
                             }
                         }
                     }
-                    stale_attempts += 1;
-                    ticket
+                    attempts_in_flight += 1;
+                    let ready = ticket
                         .as_ref()
                         .expect("ticket set above")
-                        .wait_before_replay(stale_attempts, deadline)
-                        .await
+                        .wait_before_replay(attempts_in_flight, deadline)
+                        .await;
+                    if !ready {
+                        ticket = None;
+                        continue;
+                    }
+                    true
+                }
+                Verdict::StaleDatabase { .. } => {
+                    // Replayed once, and only while a reload is known to be under way.
+                    if replays > 0 {
+                        break "passed";
+                    }
+                    match self.coordinator.join_existing(sent_at).await {
+                        Some(joined) => {
+                            let ready = joined.wait_before_replay(1, deadline).await;
+                            ticket = Some(joined);
+                            ready
+                        }
+                        None => break "passed",
+                    }
                 }
                 Verdict::CacheEmpty => {
                     empty_attempts += 1;
-                    wait_out_empty_cache(empty_attempts, self.policy.empty_cache_backoff, deadline)
-                        .await
+                    backoff_wait(empty_attempts, self.policy.empty_cache_backoff, deadline).await
                 }
             };
             if !proceed {
@@ -214,6 +262,9 @@ impl<S> HealService<S> {
             let replayed = self.send(template.build::<B>(body.clone())).await;
             (last, verdict) = classify::inspect(replayed, &template.method).await;
         };
+        if outcome == "passed" && replays == 0 && matches!(verdict, Verdict::StaleDatabase { .. }) {
+            return last;
+        }
         let wait_ms = started.elapsed().as_millis() as u64;
         if outcome == "healed" {
             if let Some(ticket) = &ticket {
@@ -229,10 +280,44 @@ impl<S> HealService<S> {
     }
 }
 
+/// The schema a request addresses: `Accept-Profile` for reads, `Content-Profile` for writes.
+fn request_schema(template: &RequestTemplate, default: &str) -> String {
+    let header = if matches!(template.method, Method::GET | Method::HEAD) {
+        "accept-profile"
+    } else {
+        "content-profile"
+    };
+    template
+        .headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(default)
+        .to_string()
+}
+
+/// Before v13 a write to an uncached table is a bare `404 {}`: the table is the path's last segment.
+fn with_path_table(
+    object: &MissingObject,
+    template: &RequestTemplate,
+    schema: &str,
+) -> MissingObject {
+    match object {
+        MissingObject::Unknown => match template.uri.path().rsplit('/').next() {
+            Some(table) if !table.is_empty() => MissingObject::Table {
+                schema: schema.to_string(),
+                table: table.to_string(),
+            },
+            _ => MissingObject::Unknown,
+        },
+        known => known.clone(),
+    }
+}
+
 fn verdict_code(verdict: &Verdict) -> &'static str {
     match verdict {
         Verdict::Stale { code, .. } => code.as_str(),
         Verdict::CacheEmpty => "PGRST002",
+        Verdict::StaleDatabase { code } => code,
         Verdict::PassThrough => "none",
     }
 }

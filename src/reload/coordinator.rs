@@ -1,11 +1,13 @@
 //! Single-flight reloads. The first request that meets a stale cache sends the NOTIFY; every request
 //! that fails while that reload is pending joins it and waits on the same completion signal; a
-//! request whose answer predates a reload that has since finished just replays.
+//! request whose answer predates a reload that has since finished just replays. Reloads that others
+//! ask for on the channel become flights too, so they are joined rather than doubled; and a budget
+//! allows at most one NOTIFY from this guard per interval.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 use super::load_counter::LoadCounter;
@@ -23,6 +25,8 @@ pub struct WaitSettings {
     pub backoff: Duration,
     /// How often the load counter is read while a reload is awaited.
     pub poll: Duration,
+    /// The reload budget: at most one NOTIFY from this guard per interval.
+    pub min_interval: Duration,
 }
 
 pub struct ReloadCoordinator {
@@ -36,9 +40,35 @@ pub struct ReloadCoordinator {
 struct FlightLog {
     pending: Option<Arc<Flight>>,
     last_completed: Option<Instant>,
+    last_notify: Option<Instant>,
 }
 
-/// One NOTIFY and everything that waits on it.
+impl FlightLog {
+    /// Moves a finished or expired pending flight out of the way.
+    fn retire(&mut self, deadline: Duration) {
+        if let Some(flight) = &self.pending {
+            if let Some(done) = flight.completed_at() {
+                self.last_completed = self.last_completed.max(Some(done));
+                self.pending = None;
+            } else if flight.notified_at.elapsed() > deadline {
+                self.pending = None;
+            }
+        }
+    }
+
+    /// The reload a request whose answer was sent at `sent_at` can wait on without a new NOTIFY.
+    fn existing(&self, sent_at: Instant) -> Option<Ticket> {
+        if let Some(flight) = &self.pending {
+            return Some(Ticket::Flight(flight.clone()));
+        }
+        if self.last_completed.is_some_and(|done| done > sent_at) {
+            return Some(Ticket::AlreadyReloaded);
+        }
+        None
+    }
+}
+
+/// One reload request (ours or someone else's) and everything that waits on it.
 pub struct Flight {
     notified_at: Instant,
     completion: Completion,
@@ -76,17 +106,33 @@ impl std::fmt::Display for ReloadError {
 }
 
 impl ReloadCoordinator {
-    pub fn new(
+    /// Starts the coordinator and its watch on the channel for reloads others ask for.
+    pub fn start(
         notifier: Arc<Notifier>,
         load_counter: Option<LoadCounter>,
         settings: WaitSettings,
-    ) -> ReloadCoordinator {
-        ReloadCoordinator {
+    ) -> Arc<ReloadCoordinator> {
+        let mut observed = notifier.subscribe();
+        let coordinator = Arc::new(ReloadCoordinator {
             notifier,
             load_counter,
             settings,
             flights: tokio::sync::Mutex::new(FlightLog::default()),
-        }
+        });
+        let weak = Arc::downgrade(&coordinator);
+        tokio::spawn(async move {
+            loop {
+                match observed.recv().await {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let Some(coordinator) = weak.upgrade() else {
+                    return;
+                };
+                coordinator.observe_external_reload().await;
+            }
+        });
+        coordinator
     }
 
     pub fn notifier(&self) -> &Notifier {
@@ -97,37 +143,60 @@ impl ReloadCoordinator {
         &self.settings
     }
 
+    async fn observe_external_reload(&self) {
+        let mut log = self.flights.lock().await;
+        log.retire(self.settings.deadline);
+        if log.pending.is_some() {
+            return;
+        }
+        let baseline = self.read_baseline().await;
+        log.pending = Some(self.new_flight(baseline));
+    }
+
+    /// A reload already pending, or finished since `sent_at`; never sends a NOTIFY. For errors
+    /// that only a reload in progress explains (42P01, 42703, 42883).
+    pub async fn join_existing(&self, sent_at: Instant) -> Option<Ticket> {
+        let mut log = self.flights.lock().await;
+        log.retire(self.settings.deadline);
+        log.existing(sent_at)
+    }
+
     /// Joins the pending reload, or starts one, for an answer that was requested at `sent_at`.
+    /// Returns whether this call sent the NOTIFY.
     pub async fn join_or_start(&self, sent_at: Instant) -> Result<(Ticket, bool), ReloadError> {
         let mut log = self.flights.lock().await;
-        if let Some(flight) = &log.pending {
-            if let Some(done) = flight.completed_at() {
-                log.last_completed = log.last_completed.max(Some(done));
-                log.pending = None;
-            } else if flight.notified_at.elapsed() > self.settings.deadline {
-                log.pending = None;
-            }
+        log.retire(self.settings.deadline);
+        if let Some(ticket) = log.existing(sent_at) {
+            return Ok((ticket, false));
         }
-        if let Some(flight) = &log.pending {
-            return Ok((Ticket::Flight(flight.clone()), false));
+        if let Some(last) = log.last_notify {
+            // The reload budget. The lock stays held, so whoever fails meanwhile queues here and
+            // then joins the flight this call starts.
+            tokio::time::sleep_until(last + self.settings.min_interval).await;
         }
-        if log.last_completed.is_some_and(|done| done > sent_at) {
-            return Ok((Ticket::AlreadyReloaded, false));
-        }
-        let baseline = match &self.load_counter {
-            Some(counter) => match counter.successful_loads().await {
-                Ok(count) => Some(count),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
-                    None
-                }
-            },
-            None => None,
-        };
+        let baseline = self.read_baseline().await;
         self.notifier
             .notify_reload()
             .await
             .map_err(ReloadError::Notify)?;
+        log.last_notify = Some(Instant::now());
+        let flight = self.new_flight(baseline);
+        log.pending = Some(flight.clone());
+        Ok((Ticket::Flight(flight), true))
+    }
+
+    async fn read_baseline(&self) -> Option<u64> {
+        let counter = self.load_counter.as_ref()?;
+        match counter.successful_loads().await {
+            Ok(count) => Some(count),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
+                None
+            }
+        }
+    }
+
+    fn new_flight(&self, baseline: Option<u64>) -> Arc<Flight> {
         let notified_at = Instant::now();
         let (completion, poller) = match (baseline, &self.load_counter) {
             (Some(baseline), Some(counter)) => {
@@ -158,8 +227,7 @@ impl ReloadCoordinator {
                 self.settings.clone(),
             );
         }
-        log.pending = Some(flight.clone());
-        Ok((Ticket::Flight(flight), true))
+        flight
     }
 }
 
@@ -204,14 +272,11 @@ impl Flight {
             .expect("flight lock")
             .get_or_insert(at);
     }
-
-    pub fn notified_at(&self) -> Instant {
-        self.notified_at
-    }
 }
 
 impl Ticket {
-    /// Waits until replay number `attempt` (from 1) is worth sending; false means give up.
+    /// Waits until replay number `attempt` (from 1) within this reload is worth sending; false
+    /// means this reload has nothing more to offer.
     pub async fn wait_before_replay(&self, attempt: u32, deadline: Instant) -> bool {
         let flight = match self {
             Ticket::AlreadyReloaded => return attempt == 1,
@@ -240,16 +305,7 @@ impl Ticket {
                     tokio::time::timeout_at(limit, loads.wait_for(|count| *count >= target)).await;
                 matches!(reached, Ok(Ok(_)))
             }
-            Completion::Backoff { backoff } => {
-                let delay = backoff
-                    .saturating_mul(1 << (attempt.saturating_sub(1)).min(16))
-                    .min(MAX_BACKOFF);
-                if Instant::now() + delay > deadline {
-                    return false;
-                }
-                tokio::time::sleep(delay).await;
-                true
-            }
+            Completion::Backoff { backoff } => backoff_wait(attempt, *backoff, deadline).await,
         }
     }
 
@@ -261,8 +317,8 @@ impl Ticket {
     }
 }
 
-/// Back-off for PGRST002 (no cache at all): PostgREST retries its own load, nothing to send.
-pub async fn wait_out_empty_cache(attempt: u32, backoff: Duration, deadline: Instant) -> bool {
+/// Sleeps `backoff * 2^(attempt-1)` (at most 1 s) unless that would pass `deadline`.
+pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) -> bool {
     let delay = backoff
         .saturating_mul(1 << attempt.saturating_sub(1).min(16))
         .min(MAX_BACKOFF);

@@ -1,17 +1,20 @@
-//! The guard's own PostgreSQL connection, used to send `NOTIFY <channel>, 'reload schema'`. It is
-//! kept open and re-established with back-off; while it is down, forwarding goes on and only
-//! healing stops.
+//! The guard's own PostgreSQL connection. It sends `NOTIFY <channel>, 'reload schema'`, LISTENs on
+//! the same channel so that reloads asked for by anyone else (an event trigger, a migration,
+//! another guard) are seen and joined, and answers the catalog check. It is kept open and
+//! re-established with back-off; while it is down, forwarding goes on and only healing stops.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::RwLock;
-use tokio_postgres::{Client, NoTls};
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, RwLock};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::config::DbUri;
 
-const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -25,27 +28,39 @@ impl std::fmt::Display for NotifyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NotifyError::Disconnected => write!(f, "no database connection"),
-            NotifyError::Failed(reason) => write!(f, "NOTIFY failed: {reason}"),
+            NotifyError::Failed(reason) => write!(f, "database request failed: {reason}"),
         }
     }
 }
 
-/// Sends the reload NOTIFY. Cheap to share.
+/// A reload request someone else sent on our channel.
+#[derive(Clone, Copy, Debug)]
+pub struct ObservedReload {
+    pub sender_pid: i32,
+}
+
 pub struct Notifier {
     channel: String,
     client: RwLock<Option<Client>>,
     connected: AtomicBool,
+    own_pid: AtomicI32,
     sent: AtomicU64,
+    seen: AtomicU64,
+    observed: broadcast::Sender<ObservedReload>,
 }
 
 impl Notifier {
     /// Starts the connection task; the first connection is attempted in the background.
     pub fn spawn(db_uri: DbUri, channel: String) -> Arc<Notifier> {
+        let (observed, _) = broadcast::channel(64);
         let notifier = Arc::new(Notifier {
             channel,
             client: RwLock::new(None),
             connected: AtomicBool::new(false),
+            own_pid: AtomicI32::new(0),
             sent: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            observed,
         });
         tokio::spawn(keep_connected(Arc::downgrade(&notifier), db_uri));
         notifier
@@ -59,30 +74,61 @@ impl Notifier {
         self.sent.load(Ordering::Acquire)
     }
 
+    /// Reload requests from others seen on the channel.
+    pub fn notifications_seen(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ObservedReload> {
+        self.observed.subscribe()
+    }
+
     /// `pg_notify` takes the channel as a value: no identifier quoting to get wrong, and the name
     /// stays case-sensitive as PostgREST's quoted LISTEN expects.
     pub async fn notify_reload(&self) -> Result<(), NotifyError> {
+        self.query_bool(
+            "SELECT pg_notify($1, 'reload schema') IS NULL",
+            &[&self.channel],
+        )
+        .await?;
+        self.sent.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Runs a one-row, one-boolean query on the guard's connection.
+    pub async fn query_bool(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<bool, NotifyError> {
         let guard = self.client.read().await;
         let client = guard.as_ref().ok_or(NotifyError::Disconnected)?;
-        let sent = tokio::time::timeout(
-            NOTIFY_TIMEOUT,
-            client.execute("SELECT pg_notify($1, 'reload schema')", &[&self.channel]),
-        )
-        .await;
-        match sent {
-            Ok(Ok(_)) => {
-                self.sent.fetch_add(1, Ordering::AcqRel);
-                Ok(())
-            }
+        match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(sql, params)).await {
+            Ok(Ok(row)) => row
+                .try_get(0)
+                .map_err(|e| NotifyError::Failed(e.to_string())),
             Ok(Err(e)) => Err(NotifyError::Failed(e.to_string())),
             Err(_) => Err(NotifyError::Failed(format!(
-                "NOTIFY took longer than {NOTIFY_TIMEOUT:?}"
+                "no answer within {QUERY_TIMEOUT:?}"
             ))),
         }
     }
+
+    fn on_notification(&self, pid: i32, channel: &str, payload: &str) {
+        let is_reload = payload.is_empty() || payload == "reload schema";
+        if channel != self.channel || !is_reload || pid == self.own_pid.load(Ordering::Acquire) {
+            return;
+        }
+        self.seen.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(
+            sender_pid = pid,
+            "saw a schema reload request on the channel"
+        );
+        let _ = self.observed.send(ObservedReload { sender_pid: pid });
+    }
 }
 
-async fn keep_connected(notifier: std::sync::Weak<Notifier>, db_uri: DbUri) {
+async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let attempt = tokio::time::timeout(
@@ -94,21 +140,47 @@ async fn keep_connected(notifier: std::sync::Weak<Notifier>, db_uri: DbUri) {
             return;
         };
         match attempt {
-            Ok(Ok((client, connection))) => {
-                *this.client.write().await = Some(client);
-                this.connected.store(true, Ordering::Release);
-                tracing::info!(db = %db_uri.redacted(), "database connection for reload NOTIFY is up");
-                backoff = Duration::from_millis(250);
+            Ok(Ok((client, mut connection))) => {
+                let weak = notifier.clone();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(n)) => match weak.upgrade() {
+                                Some(this) => {
+                                    this.on_notification(n.process_id(), n.channel(), n.payload())
+                                }
+                                None => return Ok(()),
+                            },
+                            Ok(_) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(())
+                });
+                match setup(&client, &this.channel).await {
+                    Ok(pid) => {
+                        this.own_pid.store(pid, Ordering::Release);
+                        *this.client.write().await = Some(client);
+                        this.connected.store(true, Ordering::Release);
+                        tracing::info!(db = %db_uri.redacted(), channel = %this.channel, "database connection for reload NOTIFY is up");
+                        backoff = Duration::from_millis(250);
+                    }
+                    Err(e) => {
+                        tracing::warn!(db = %db_uri.redacted(), error = %e, "database connection set-up failed")
+                    }
+                }
                 drop(this);
-                let ended = connection.await;
+                let ended = driver.await;
                 let Some(this) = notifier.upgrade() else {
                     return;
                 };
                 this.connected.store(false, Ordering::Release);
                 *this.client.write().await = None;
                 match ended {
-                    Ok(()) => tracing::warn!("database connection for reload NOTIFY closed; healing paused until it is back"),
-                    Err(e) => tracing::warn!(error = %e, "database connection for reload NOTIFY lost; healing paused until it is back"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "database connection for reload NOTIFY lost; healing paused until it is back"),
+                    _ => tracing::warn!("database connection for reload NOTIFY closed; healing paused until it is back"),
                 }
             }
             Ok(Err(e)) => {
@@ -121,4 +193,18 @@ async fn keep_connected(notifier: std::sync::Weak<Notifier>, db_uri: DbUri) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Our backend pid (to tell our own NOTIFYs from others') and the LISTEN. A LISTEN that fails (a
+/// transaction-mode pooler) costs only the joining of others' reloads, not the connection.
+async fn setup(client: &Client, channel: &str) -> Result<i32, tokio_postgres::Error> {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let listen = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
+    if let Err(e) = client.batch_execute(&listen).await {
+        tracing::warn!(error = %e, channel, "LISTEN failed: reloads sent by others will not be joined");
+    }
+    Ok(pid)
 }
