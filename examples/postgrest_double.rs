@@ -37,14 +37,9 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut options = DoubleOptions::new(args.db_uri)
-        .profile(args.profile)
-        .load_delay(Duration::from_millis(args.load_delay_ms));
-    options.schemas = args
-        .schema
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let mut options =
+        DoubleOptions::new(args.db_uri).profile(args.profile).load_delay(Duration::from_millis(args.load_delay_ms));
+    options.schemas = args.schema.split(',').map(|s| s.trim().to_string()).collect();
     options.channel = args.channel;
     options.port = args.port;
     options.admin_port = args.admin_port;
@@ -56,12 +51,9 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    println!(
-        "postgrest_double listening on {} (admin {}) profile {:?}",
-        double.addr, double.admin_addr, args.profile
-    );
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    println!("postgrest_double listening on {} (admin {}) profile {:?}", double.addr, double.admin_addr, args.profile);
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

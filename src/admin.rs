@@ -21,84 +21,32 @@ pub struct AdminState {
     pub upstream: UpstreamUrl,
 }
 
-pub async fn handle(
-    state: AdminState,
-    request: Request<Incoming>,
-) -> Result<Response<GuardBody>, Infallible> {
+pub async fn handle(state: AdminState, request: Request<Incoming>) -> Result<Response<GuardBody>, Infallible> {
     let (status, content_type, body) = match request.uri().path() {
-        "/healthz" => (
-            StatusCode::OK,
-            "application/json",
-            r#"{"status":"alive"}"#.to_string(),
-        ),
+        "/healthz" => (StatusCode::OK, "application/json", r#"{"status":"alive"}"#.to_string()),
         "/readyz" => {
             let reachable = upstream_reachable(&state.upstream).await;
-            let database = if state.notifier.is_connected() {
-                "connected"
-            } else {
-                "disconnected"
-            };
-            let status = if reachable {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let upstream = if reachable {
-                "reachable"
-            } else {
-                "unreachable"
-            };
-            (
-                status,
-                "application/json",
-                format!(r#"{{"upstream":"{upstream}","database":"{database}"}}"#),
-            )
+            let database = if state.notifier.is_connected() { "connected" } else { "disconnected" };
+            let status = if reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let upstream = if reachable { "reachable" } else { "unreachable" };
+            (status, "application/json", format!(r#"{{"upstream":"{upstream}","database":"{database}"}}"#))
         }
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(
-                state.notifier.is_connected(),
-                state.notifier.notifications_seen(),
-            ),
+            state.metrics.render(state.notifier.is_connected(), state.notifier.notifications_seen()),
         ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "application/json",
-            r#"{"error":"not found"}"#.to_string(),
-        ),
+        _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#.to_string()),
     };
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        content_type.parse().expect("static content type"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, content_type.parse().expect("static content type"));
     Ok(response)
 }
 
 async fn upstream_reachable(upstream: &UpstreamUrl) -> bool {
     let port =
-        upstream
-            .authority
-            .port_u16()
-            .unwrap_or(if upstream.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            });
-    let host = upstream
-        .authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            TcpStream::connect((host.as_str(), port))
-        )
-        .await,
-        Ok(Ok(_))
-    )
+        upstream.authority.port_u16().unwrap_or(if upstream.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+    let host = upstream.authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    matches!(tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((host.as_str(), port))).await, Ok(Ok(_)))
 }

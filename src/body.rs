@@ -8,9 +8,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GuardBody = BoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> GuardBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }
 
 pub fn empty() -> GuardBody {

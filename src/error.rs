@@ -35,21 +35,10 @@ struct ErrorBody<'a> {
 
 impl GuardError {
     pub fn new(kind: GuardErrorKind, details: impl Into<String>) -> GuardError {
-        GuardError {
-            kind,
-            details: details.into(),
-        }
+        GuardError { kind, details: details.into() }
     }
 
-    fn parts(
-        &self,
-    ) -> (
-        StatusCode,
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        &'static str,
-    ) {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<&'static str>, &'static str) {
         match self.kind {
             GuardErrorKind::UpstreamUnreachable => (
                 StatusCode::BAD_GATEWAY,
@@ -65,39 +54,24 @@ impl GuardError {
                 Some("Raise PGRST_GUARD_UPSTREAM_TIMEOUT_MS for long-running requests."),
                 "http_response_timeout",
             ),
-            GuardErrorKind::MalformedRequest => (
-                StatusCode::BAD_REQUEST,
-                "PGRSTG03",
-                "Malformed request.",
-                None,
-                "http_request_error",
-            ),
+            GuardErrorKind::MalformedRequest => {
+                (StatusCode::BAD_REQUEST, "PGRSTG03", "Malformed request.", None, "http_request_error")
+            }
         }
     }
 
     /// The answer for the client. `request_headers` decide the CORS headers.
     pub fn into_response(self, request_headers: &HeaderMap) -> Response<GuardBody> {
         let (status, code, message, hint, proxy_error) = self.parts();
-        let body = serde_json::to_vec(&ErrorBody {
-            code,
-            details: &self.details,
-            hint,
-            message,
-        })
-        .expect("error body serializes");
+        let body = serde_json::to_vec(&ErrorBody { code, details: &self.details, hint, message })
+            .expect("error body serializes");
         let mut response = Response::new(full(Bytes::from(body)));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         headers.insert(
             "proxy-status",
-            HeaderValue::from_str(&format!(
-                "pgrst-guard; error={proxy_error}; details=\"{code}\""
-            ))
-            .expect("ascii"),
+            HeaderValue::from_str(&format!("pgrst-guard; error={proxy_error}; details=\"{code}\"")).expect("ascii"),
         );
         add_cors_headers(headers, request_headers);
         response
@@ -109,10 +83,7 @@ impl GuardError {
 pub fn add_cors_headers(headers: &mut HeaderMap, request_headers: &HeaderMap) {
     if let Some(origin) = request_headers.get(header::ORIGIN) {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
+        headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
         headers.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             HeaderValue::from_static("Content-Encoding, Content-Location, Content-Range, Content-Type, Date, Location, Server, Transfer-Encoding, Range-Unit, X-Pgrst-Guard, Proxy-Status"),

@@ -73,9 +73,8 @@ impl RunningGuard {
             empty_cache_backoff: config.retry_backoff,
             default_schema: config.db_schemas[0].clone(),
         };
-        let catalog = config
-            .catalog_check
-            .then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
+        let catalog =
+            config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
         let service = HealLayer::new(coordinator, policy, metrics.clone(), catalog)
             .layer(Forwarder::<ReplayBody<Incoming>>::new(&config));
 
@@ -98,8 +97,7 @@ impl RunningGuard {
                 notifier: notifier.clone(),
                 upstream: config.upstream.clone(),
             };
-            let admin_service =
-                tower::service_fn(move |request| admin::handle(state.clone(), request));
+            let admin_service = tower::service_fn(move |request| admin::handle(state.clone(), request));
             tasks.push(tokio::spawn(server::serve(
                 admin_listener,
                 admin_service,
@@ -109,14 +107,7 @@ impl RunningGuard {
             )));
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.as_ref().map(ToString::to_string), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
-        Ok(RunningGuard {
-            addr,
-            admin_addr,
-            metrics,
-            notifier,
-            shutdown,
-            tasks,
-        })
+        Ok(RunningGuard { addr, admin_addr, metrics, notifier, shutdown, tasks })
     }
 
     pub fn url(&self) -> String {

@@ -31,11 +31,7 @@ struct Cli {
     retry_backoff_ms: Option<String>,
     #[arg(long, value_name = "MS", help = "PGRST_GUARD_ADMIN_POLL_MS")]
     admin_poll_ms: Option<String>,
-    #[arg(
-        long,
-        value_name = "MS",
-        help = "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS"
-    )]
+    #[arg(long, value_name = "MS", help = "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")]
     upstream_connect_timeout_ms: Option<String>,
     #[arg(long, value_name = "MS", help = "PGRST_GUARD_UPSTREAM_TIMEOUT_MS")]
     upstream_timeout_ms: Option<String>,
@@ -58,18 +54,12 @@ impl Cli {
             ("PGRST_GUARD_REPLAY_BODY_LIMIT", &self.replay_body_limit),
             ("PGRST_GUARD_RETRY_BACKOFF_MS", &self.retry_backoff_ms),
             ("PGRST_GUARD_ADMIN_POLL_MS", &self.admin_poll_ms),
-            (
-                "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS",
-                &self.upstream_connect_timeout_ms,
-            ),
+            ("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS", &self.upstream_connect_timeout_ms),
             ("PGRST_GUARD_UPSTREAM_TIMEOUT_MS", &self.upstream_timeout_ms),
             ("PGRST_GUARD_LOG_FORMAT", &self.log_format),
             ("PGRST_GUARD_LOG_LEVEL", &self.log_level),
         ];
-        pairs
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
-            .collect()
+        pairs.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v))).collect()
     }
 }
 
@@ -89,15 +79,8 @@ fn keys_help() -> String {
 
 fn main() {
     let cli = Cli::parse();
-    let config_file = cli
-        .config
-        .clone()
-        .or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
-    let config = match Config::load(
-        config_file.as_deref(),
-        config::raw_from_env(std::env::vars()),
-        cli.flags(),
-    ) {
+    let config_file = cli.config.clone().or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
+    let config = match Config::load(config_file.as_deref(), config::raw_from_env(std::env::vars()), cli.flags()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pgrst-guard: {e}");
@@ -105,10 +88,7 @@ fn main() {
         }
     };
     init_tracing(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let code = runtime.block_on(run(config));
     std::process::exit(code);
 }
@@ -131,11 +111,10 @@ async fn run(config: Config) -> i32 {
 }
 
 async fn wait_for_signal() {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(_) => return std::future::pending().await,
+    };
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -143,11 +122,8 @@ async fn wait_for_signal() {
 }
 
 fn init_tracing(config: &Config) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log_format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),

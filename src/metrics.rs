@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds in seconds, shared by the latency histograms.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
+const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 #[derive(Default)]
 pub struct Histogram {
@@ -27,26 +25,17 @@ impl Histogram {
             }
         }
         self.total.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                count.load(Ordering::Relaxed)
-            );
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
         }
         let total = self.total.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {total}");
     }
 }
@@ -63,31 +52,16 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn response(&self, status: u16, took: Duration) {
-        *self
-            .responses
-            .lock()
-            .expect("metrics lock")
-            .entry(status)
-            .or_default() += 1;
+        *self.responses.lock().expect("metrics lock").entry(status).or_default() += 1;
         self.request_duration.observe(took);
     }
 
     pub fn heal(&self, code: &'static str, outcome: &'static str) {
-        *self
-            .heals
-            .lock()
-            .expect("metrics lock")
-            .entry((code, outcome))
-            .or_default() += 1;
+        *self.heals.lock().expect("metrics lock").entry((code, outcome)).or_default() += 1;
     }
 
     pub fn catalog_check(&self, result: &'static str) {
-        *self
-            .catalog_checks
-            .lock()
-            .expect("metrics lock")
-            .entry(result)
-            .or_default() += 1;
+        *self.catalog_checks.lock().expect("metrics lock").entry(result).or_default() += 1;
     }
 
     pub fn notify_sent(&self) {
@@ -102,17 +76,11 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP pgrst_guard_responses_total Answers sent to clients, by status.\n# TYPE pgrst_guard_responses_total counter\n");
         for (status, count) in self.responses.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "pgrst_guard_responses_total{{status=\"{status}\"}} {count}"
-            );
+            let _ = writeln!(out, "pgrst_guard_responses_total{{status=\"{status}\"}} {count}");
         }
         out.push_str("# HELP pgrst_guard_heals_total Schema-cache errors met, by code and outcome.\n# TYPE pgrst_guard_heals_total counter\n");
         for ((code, outcome), count) in self.heals.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "pgrst_guard_heals_total{{code=\"{code}\",outcome=\"{outcome}\"}} {count}"
-            );
+            let _ = writeln!(out, "pgrst_guard_heals_total{{code=\"{code}\",outcome=\"{outcome}\"}} {count}");
         }
         let _ = writeln!(
             out,
@@ -121,10 +89,7 @@ impl Metrics {
         );
         out.push_str("# HELP pgrst_guard_catalog_checks_total Catalog checks before a reload, by result.\n# TYPE pgrst_guard_catalog_checks_total counter\n");
         for (result, count) in self.catalog_checks.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "pgrst_guard_catalog_checks_total{{result=\"{result}\"}} {count}"
-            );
+            let _ = writeln!(out, "pgrst_guard_catalog_checks_total{{result=\"{result}\"}} {count}");
         }
         let _ = writeln!(
             out,

@@ -30,18 +30,12 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) where
-    S: Service<Request<Incoming>, Response = Response<GuardBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -72,9 +66,7 @@ pub async fn serve<S>(
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
-            .into_owned();
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), per_request).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -83,14 +75,8 @@ pub async fn serve<S>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            drain_ms = drain.as_millis() as u64,
-            "shutdown deadline passed with requests still open"
-        );
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(drain_ms = drain.as_millis() as u64, "shutdown deadline passed with requests still open");
     }
 }
 

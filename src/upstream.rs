@@ -67,21 +67,14 @@ where
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Forwarder {
-            client,
-            upstream: config.upstream.clone(),
-            response_timeout: config.upstream_timeout,
-        }
+        Forwarder { client, upstream: config.upstream.clone(), response_timeout: config.upstream_timeout }
     }
 
     /// Where a request goes: the configured base plus the request's path and query.
     pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path_and_query = if path_and_query.starts_with('/') {
-            path_and_query.to_string()
-        } else {
-            format!("/{path_and_query}")
-        };
+        let path_and_query =
+            if path_and_query.starts_with('/') { path_and_query.to_string() } else { format!("/{path_and_query}") };
         Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
@@ -96,8 +89,7 @@ where
         parts.uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return GuardError::new(GuardErrorKind::MalformedRequest, e.to_string())
-                    .into_response(&request_headers)
+                return GuardError::new(GuardErrorKind::MalformedRequest, e.to_string()).into_response(&request_headers)
             }
         };
         let client_addr = parts.extensions.get::<ClientAddr>().copied();
@@ -105,18 +97,10 @@ where
             .get(header::HOST)
             .cloned()
             .or_else(|| original_authority.and_then(|a| HeaderValue::from_str(&a).ok()));
-        prepare_request_headers(
-            &mut parts.headers,
-            &self.upstream,
-            client_addr,
-            original_host,
-        );
+        prepare_request_headers(&mut parts.headers, &self.upstream, client_addr, original_host);
         parts.version = Version::HTTP_11;
-        let sent = tokio::time::timeout(
-            self.response_timeout,
-            self.client.request(Request::from_parts(parts, body)),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(self.response_timeout, self.client.request(Request::from_parts(parts, body))).await;
         match sent {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -126,18 +110,13 @@ where
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
-                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e))
-                    .into_response(&request_headers)
+                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e)).into_response(&request_headers)
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
                 GuardError::new(
                     GuardErrorKind::UpstreamTimeout,
-                    format!(
-                        "No answer from {} within {} ms.",
-                        self.upstream,
-                        self.response_timeout.as_millis()
-                    ),
+                    format!("No answer from {} within {} ms.", self.upstream, self.response_timeout.as_millis()),
                 )
                 .into_response(&request_headers)
             }
@@ -211,10 +190,7 @@ fn prepare_request_headers(
         }
     }
     if !headers.contains_key("x-forwarded-proto") {
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
     }
     if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
         headers.insert(header::HOST, host);

@@ -11,9 +11,7 @@ use pgrst_guard::config::{raw_from_env, Config};
 
 fn guard() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pgrst-guard"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     command
 }
 
@@ -28,23 +26,13 @@ fn fails_with(command: &mut Command) -> String {
 #[test]
 fn bad_configuration_names_the_key_in_one_line() {
     let e = fails_with(&mut guard());
-    assert!(
-        e.contains("PGRST_GUARD_DB_URI") && e.contains("required"),
-        "{e}"
-    );
+    assert!(e.contains("PGRST_GUARD_DB_URI") && e.contains("required"), "{e}");
     let e = fails_with(guard().args(["--db-uri", "postgres://u@h/db", "--upstream", "ftp://x"]));
     assert!(e.contains("PGRST_GUARD_UPSTREAM"), "{e}");
-    let e = fails_with(
-        guard()
-            .env("PGRST_GUARD_DB_URI", "postgres://u@h/db")
-            .env("PGRST_GUARD_LISTEN", "nowhere"),
-    );
+    let e = fails_with(guard().env("PGRST_GUARD_DB_URI", "postgres://u@h/db").env("PGRST_GUARD_LISTEN", "nowhere"));
     assert!(e.contains("PGRST_GUARD_LISTEN"), "{e}");
     let e = fails_with(guard().env("PGRST_GUARD_DB_URI", "postgres://u:hunter2@h:port/db"));
-    assert!(
-        e.contains("PGRST_GUARD_DB_URI") && !e.contains("hunter2"),
-        "{e}"
-    );
+    assert!(e.contains("PGRST_GUARD_DB_URI") && !e.contains("hunter2"), "{e}");
 }
 
 #[test]
@@ -58,11 +46,7 @@ fn help_lists_every_key() {
 
 #[test]
 fn the_documented_config_file_lists_every_key_and_parses() {
-    let documented = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/pgrst-guard.toml"
-    ))
-    .unwrap();
+    let documented = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgrst-guard.toml")).unwrap();
     for key in pgrst_guard::config::KEYS {
         assert!(
             documented.contains(key.toml) && documented.contains(key.env),
@@ -70,10 +54,7 @@ fn the_documented_config_file_lists_every_key_and_parses() {
             key.env
         );
     }
-    let path = std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/pgrst-guard.toml"
-    ));
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgrst-guard.toml"));
     let raw = pgrst_guard::config::raw_from_toml(path).unwrap();
     let mut flags = pgrst_guard::config::RawConfig::new();
     flags.insert("PGRST_GUARD_DB_URI".into(), "postgres://u@h/db".into());
@@ -88,10 +69,7 @@ fn flags_win_over_environment_which_wins_over_the_file() {
     let file = dir.join("guard.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:7001\"\nupstream = \"http://file:3000\"\ndb_uri = \"postgres://file@h/db\"\ndb_channel = \"from_file\"\nheal_deadline_ms = 5000\n").unwrap();
     let env = raw_from_env([
-        (
-            "PGRST_GUARD_UPSTREAM".to_string(),
-            "http://env:3000/rest/v1".to_string(),
-        ),
+        ("PGRST_GUARD_UPSTREAM".to_string(), "http://env:3000/rest/v1".to_string()),
         ("PGRST_GUARD_DB_CHANNEL".to_string(), "from_env".to_string()),
         ("UNRELATED".to_string(), "x".to_string()),
     ]);
@@ -113,16 +91,8 @@ fn flags_win_over_environment_which_wins_over_the_file() {
 fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
     let port = support::pg::free_port();
     let mut child = guard()
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            "http://127.0.0.1:9/rest/v1",
-        ])
-        .env(
-            "PGRST_GUARD_DB_URI",
-            "postgres://authenticator:s3cret-pw@127.0.0.1:1/postgres",
-        )
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "http://127.0.0.1:9/rest/v1"])
+        .env("PGRST_GUARD_DB_URI", "postgres://authenticator:s3cret-pw@127.0.0.1:1/postgres")
         .env("PGRST_GUARD_LOG_FORMAT", "json")
         .stderr(Stdio::piped())
         .spawn()
@@ -136,10 +106,7 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
             break;
         }
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
     seen.extend(lines.map_while(Result::ok));
@@ -149,7 +116,6 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
     assert!(log.contains("authenticator:***@"), "{log}");
     assert!(!log.contains("s3cret-pw"), "password leaked: {log}");
     for line in &seen {
-        serde_json::from_str::<serde_json::Value>(line)
-            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
     }
 }

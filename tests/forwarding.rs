@@ -12,10 +12,7 @@ use support::guard::{start_guard, start_guard_without_waiting};
 use support::pg::{free_port, TestCluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn echo_guard(
-    prefix: &str,
-    extra: &[(&str, &str)],
-) -> (EchoServer, pgrst_guard::RunningGuard) {
+async fn echo_guard(prefix: &str, extra: &[(&str, &str)]) -> (EchoServer, pgrst_guard::RunningGuard) {
     let echo = EchoServer::start().await;
     let guard = start_guard_without_waiting(
         &format!("{}{prefix}", echo.url()),
@@ -48,10 +45,7 @@ async fn forwards_method_path_query_headers_and_body_under_the_prefix() {
     assert_eq!(r.status, StatusCode::OK);
     let seen = r.json();
     assert_eq!(seen["method"], "PATCH");
-    assert_eq!(
-        seen["uri"],
-        "/rest/v1/chat_messages?id=eq.1&select=id,content"
-    );
+    assert_eq!(seen["uri"], "/rest/v1/chat_messages?id=eq.1&select=id,content");
     assert_eq!(seen["body"], r#"{"content":"edited"}"#);
     let headers = &seen["headers"];
     assert_eq!(headers["apikey"], "anon-key");
@@ -65,11 +59,7 @@ async fn forwards_method_path_query_headers_and_body_under_the_prefix() {
     assert_eq!(headers["x-forwarded-host"], guard.addr.to_string());
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
-    assert_eq!(
-        r.header("x-secret-hop"),
-        None,
-        "headers the upstream named in Connection are dropped"
-    );
+    assert_eq!(r.header("x-secret-hop"), None, "headers the upstream named in Connection are dropped");
 }
 
 #[tokio::test]
@@ -83,10 +73,7 @@ async fn an_absolute_uri_still_goes_only_to_the_configured_upstream() {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        answer.contains(r#""uri":"/latest/meta-data""#),
-        "went to the configured upstream: {answer}"
-    );
+    assert!(answer.contains(r#""uri":"/latest/meta-data""#), "went to the configured upstream: {answer}");
 }
 
 #[tokio::test]
@@ -94,18 +81,9 @@ async fn large_bodies_stream_both_ways() {
     let (_echo, guard) = echo_guard("", &[]).await;
     let http = support::client::HttpClient::new();
     let upload = vec![b'a'; 8 << 20];
-    let r = http
-        .send(
-            Method::POST,
-            &format!("{}/upload", guard.url()),
-            &[],
-            upload,
-        )
-        .await;
+    let r = http.send(Method::POST, &format!("{}/upload", guard.url()), &[], upload).await;
     assert_eq!(r.json()["body_len"], 8 << 20);
-    let r = http
-        .get(&format!("{}/big?n={}", guard.url(), 16 << 20))
-        .await;
+    let r = http.get(&format!("{}/big?n={}", guard.url(), 16 << 20)).await;
     assert_eq!(r.body.len(), 16 << 20);
 }
 
@@ -115,9 +93,7 @@ async fn http2_clients_are_served() {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
-    let request = Request::get(format!("{}/h2?x=1", guard.url()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let request = Request::get(format!("{}/h2?x=1", guard.url())).body(Full::new(Bytes::new())).unwrap();
     let response = client.request(request).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     let seen: serde_json::Value =
@@ -130,34 +106,19 @@ async fn http2_clients_are_served() {
 #[tokio::test]
 async fn an_unreachable_upstream_gets_a_502_a_browser_can_read() {
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let guard =
-        start_guard_without_waiting(&dead, "postgres://postgres@127.0.0.1:1/postgres", &[]).await;
+    let guard = start_guard_without_waiting(&dead, "postgres://postgres@127.0.0.1:1/postgres", &[]).await;
     let http = support::client::HttpClient::new();
     let r = http
-        .send(
-            Method::GET,
-            &format!("{}/chat_messages", guard.url()),
-            &[("origin", "https://app.example")],
-            "",
-        )
+        .send(Method::GET, &format!("{}/chat_messages", guard.url()), &[("origin", "https://app.example")], "")
         .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json; charset=utf-8")
-    );
-    assert_eq!(
-        r.header("access-control-allow-origin"),
-        Some("https://app.example")
-    );
+    assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
     let body = r.json();
     assert_eq!(body["code"], "PGRSTG01");
     assert_eq!(body["message"], "Could not reach PostgREST.");
     assert!(body.get("details").is_some() && body.get("hint").is_some());
-    assert!(r
-        .header("proxy-status")
-        .unwrap()
-        .starts_with("pgrst-guard; error=destination_unavailable"));
+    assert!(r.header("proxy-status").unwrap().starts_with("pgrst-guard; error=destination_unavailable"));
 }
 
 #[tokio::test]
@@ -165,20 +126,10 @@ async fn a_silent_upstream_gets_a_504_in_time() {
     let (_echo, guard) = echo_guard("", &[("PGRST_GUARD_UPSTREAM_TIMEOUT_MS", "300")]).await;
     let http = support::client::HttpClient::new();
     let started = std::time::Instant::now();
-    let r = http
-        .send(
-            Method::GET,
-            &format!("{}/slow", guard.url()),
-            &[("origin", "https://app.example")],
-            "",
-        )
-        .await;
+    let r = http.send(Method::GET, &format!("{}/slow", guard.url()), &[("origin", "https://app.example")], "").await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.json()["code"], "PGRSTG02");
-    assert_eq!(
-        r.header("access-control-allow-origin"),
-        Some("https://app.example")
-    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -186,11 +137,8 @@ async fn a_silent_upstream_gets_a_504_in_time() {
 async fn cors_preflight_passes_through_to_postgrest() {
     let pg = TestCluster::start().await;
     pg.sql("CREATE TABLE t (id int)").await;
-    let double = support::double::PostgrestDouble::start(support::double::DoubleOptions::new(
-        pg.uri("postgres"),
-    ))
-    .await
-    .unwrap();
+    let double =
+        support::double::PostgrestDouble::start(support::double::DoubleOptions::new(pg.uri("postgres"))).await.unwrap();
     let guard = start_guard(&double.url(), &pg.uri("postgres"), &[]).await;
     let http = support::client::HttpClient::new();
     let r = http
@@ -206,16 +154,9 @@ async fn cors_preflight_passes_through_to_postgrest() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(
-        r.header("server"),
-        Some("postgrest/14.17"),
-        "answered by PostgREST, not the guard"
-    );
+    assert_eq!(r.header("server"), Some("postgrest/14.17"), "answered by PostgREST, not the guard");
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
-    assert!(r
-        .header("access-control-allow-headers")
-        .unwrap()
-        .contains("apikey"));
+    assert!(r.header("access-control-allow-headers").unwrap().contains("apikey"));
 }
 
 #[tokio::test]
@@ -223,17 +164,11 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     let (_echo, guard) = echo_guard("", &[("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")]).await;
     let admin = format!("http://{}", guard.admin_addr.unwrap());
     let http = support::client::HttpClient::new();
-    assert_eq!(
-        http.get(&format!("{admin}/healthz")).await.status,
-        StatusCode::OK
-    );
+    assert_eq!(http.get(&format!("{admin}/healthz")).await.status, StatusCode::OK);
     let ready = http.get(&format!("{admin}/readyz")).await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.json()["database"], "disconnected");
     http.get(&format!("{}/x", guard.url())).await;
     let metrics = http.get(&format!("{admin}/metrics")).await.text();
-    assert!(
-        metrics.contains("pgrst_guard_responses_total{status=\"200\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("pgrst_guard_responses_total{status=\"200\"} 1"), "{metrics}");
 }

@@ -43,23 +43,10 @@ impl StaleCode {
 /// What the error says is missing, read from PostgREST's message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MissingObject {
-    Column {
-        table: String,
-        column: String,
-    },
-    Table {
-        schema: String,
-        table: String,
-    },
-    Function {
-        schema: String,
-        name: String,
-        args: Vec<String>,
-    },
-    Relationship {
-        parent: String,
-        child: String,
-    },
+    Column { table: String, column: String },
+    Table { schema: String, table: String },
+    Function { schema: String, name: String, args: Vec<String> },
+    Relationship { parent: String, child: String },
     Unknown,
 }
 
@@ -68,10 +55,7 @@ pub enum Verdict {
     /// Not ours to heal: the answer goes to the client as it is.
     PassThrough,
     /// The schema cache lacks something: reload, wait, replay.
-    Stale {
-        code: StaleCode,
-        object: MissingObject,
-    },
+    Stale { code: StaleCode, object: MissingObject },
     /// PGRST002: PostgREST has no schema cache at all right now; wait it out and replay.
     CacheEmpty,
     /// 42P01, 42703 or 42883 from PostgreSQL: a stale cache built SQL for a dropped or renamed
@@ -97,10 +81,8 @@ where
     let worth_reading = match &proxy_status_code {
         Some(code) => code_verdict(code, None) != Verdict::PassThrough,
         None => {
-            matches!(
-                status,
-                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE
-            ) && is_json(&response)
+            matches!(status, StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE)
+                && is_json(&response)
         }
     };
     if !worth_reading || *method == Method::HEAD {
@@ -126,9 +108,7 @@ fn proxy_status_error<B>(response: &Response<B>) -> Option<String> {
     if !params.next()?.eq_ignore_ascii_case("PostgREST") {
         return None;
     }
-    params
-        .find_map(|p| p.strip_prefix("error="))
-        .map(|c| c.trim_matches('"').to_string())
+    params.find_map(|p| p.strip_prefix("error=")).map(|c| c.trim_matches('"').to_string())
 }
 
 fn is_json<B>(response: &Response<B>) -> bool {
@@ -136,26 +116,14 @@ fn is_json<B>(response: &Response<B>) -> bool {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.starts_with("application/json") || v.starts_with("application/vnd.pgrst")
-        })
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("application/vnd.pgrst"))
 }
 
-fn body_verdict(
-    status: StatusCode,
-    method: &Method,
-    body: &[u8],
-    header_code: Option<&str>,
-) -> Verdict {
+fn body_verdict(status: StatusCode, method: &Method, body: &[u8], header_code: Option<&str>) -> Verdict {
     let parsed: Option<PostgrestError> = serde_json::from_slice(body).ok();
-    if status == StatusCode::NOT_FOUND
-        && body == b"{}"
-        && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
+    if status == StatusCode::NOT_FOUND && body == b"{}" && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
     {
-        return Verdict::Stale {
-            code: StaleCode::LegacyTableWrite,
-            object: MissingObject::Unknown,
-        };
+        return Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown };
     }
     let Some(error) = parsed else {
         return Verdict::PassThrough;
@@ -170,15 +138,8 @@ fn body_verdict(
 /// The heal policy by code. PGRST201/203 are ambiguities, not staleness, and every other error —
 /// including PGRST111/112, raised after a commit — passes through.
 pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
-    let object = || {
-        message
-            .map(missing_object)
-            .unwrap_or(MissingObject::Unknown)
-    };
-    let stale = |code| Verdict::Stale {
-        code,
-        object: object(),
-    };
+    let object = || message.map(missing_object).unwrap_or(MissingObject::Unknown);
+    let stale = |code| Verdict::Stale { code, object: object() };
     match code {
         "PGRST200" => stale(StaleCode::Relationship),
         "PGRST202" => stale(StaleCode::Function),
@@ -195,75 +156,39 @@ pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
 /// Reads PostgREST's message templates (Error.hs), old and new wordings.
 pub fn missing_object(message: &str) -> MissingObject {
     let between = |text: &str, start: &str, end: &str| -> Option<String> {
-        text.strip_prefix(start)?
-            .strip_suffix(end)
-            .map(str::to_string)
+        text.strip_prefix(start)?.strip_suffix(end).map(str::to_string)
     };
     if let Some(inner) = between(message, "Could not find the '", "' in the schema cache") {
         if let Some((column, table)) = inner.split_once("' column of '") {
-            return MissingObject::Column {
-                table: table.to_string(),
-                column: column.to_string(),
-            };
+            return MissingObject::Column { table: table.to_string(), column: column.to_string() };
         }
     }
     if let Some(inner) = between(message, "Column '", "' does not exist") {
         if let Some((column, table)) = inner.split_once("' of relation '") {
-            return MissingObject::Column {
-                table: table.to_string(),
-                column: column.to_string(),
-            };
+            return MissingObject::Column { table: table.to_string(), column: column.to_string() };
         }
     }
-    if let Some(qualified) = between(
-        message,
-        "Could not find the table '",
-        "' in the schema cache",
-    ) {
+    if let Some(qualified) = between(message, "Could not find the table '", "' in the schema cache") {
         if let Some((schema, table)) = qualified.split_once('.') {
-            return MissingObject::Table {
-                schema: schema.to_string(),
-                table: table.to_string(),
-            };
+            return MissingObject::Table { schema: schema.to_string(), table: table.to_string() };
         }
     }
-    if let Some(inner) = between(
-        message,
-        "Could not find the function ",
-        " in the schema cache",
-    ) {
+    if let Some(inner) = between(message, "Could not find the function ", " in the schema cache") {
         let (qualified, args) = if let Some(q) = inner.strip_suffix(" without parameters") {
             (q.to_string(), Vec::new())
         } else if let Some((q, list)) = inner.split_once('(') {
             let list = list.trim_end_matches(')');
-            (
-                q.to_string(),
-                list.split(", ")
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            )
+            (q.to_string(), list.split(", ").filter(|a| !a.is_empty()).map(str::to_string).collect())
         } else {
             (inner.clone(), Vec::new())
         };
         if let Some((schema, name)) = qualified.split_once('.') {
-            return MissingObject::Function {
-                schema: schema.to_string(),
-                name: name.to_string(),
-                args,
-            };
+            return MissingObject::Function { schema: schema.to_string(), name: name.to_string(), args };
         }
     }
-    if let Some(inner) = between(
-        message,
-        "Could not find a relationship between '",
-        "' in the schema cache",
-    ) {
+    if let Some(inner) = between(message, "Could not find a relationship between '", "' in the schema cache") {
         if let Some((parent, child)) = inner.split_once("' and '") {
-            return MissingObject::Relationship {
-                parent: parent.to_string(),
-                child: child.to_string(),
-            };
+            return MissingObject::Relationship { parent: parent.to_string(), child: child.to_string() };
         }
     }
     MissingObject::Unknown
@@ -283,10 +208,7 @@ where
             Err(e) => {
                 let error: crate::body::BoxError = e.into();
                 let prefix = collected.freeze();
-                let failed = futures_util::stream::iter(vec![
-                    Ok(http_body::Frame::data(prefix)),
-                    Err(error),
-                ]);
+                let failed = futures_util::stream::iter(vec![Ok(http_body::Frame::data(prefix)), Err(error)]);
                 return Err(http_body_util::StreamBody::new(failed).boxed());
             }
         };
@@ -295,11 +217,7 @@ where
             if collected.len() > cap {
                 let prefix = collected.freeze();
                 let head = http_body_util::Full::new(prefix).map_err(|never| match never {});
-                return Err(Chain {
-                    head: Some(head),
-                    tail: body.map_err(Into::into),
-                }
-                .boxed());
+                return Err(Chain { head: Some(head), tail: body.map_err(Into::into) }.boxed());
             }
         }
     }
@@ -344,32 +262,19 @@ mod tests {
     #[test]
     fn reads_objects_from_postgrest_messages() {
         assert_eq!(
-            missing_object(
-                "Could not find the 'artifact_ids' column of 'chat_messages' in the schema cache"
-            ),
-            MissingObject::Column {
-                table: "chat_messages".into(),
-                column: "artifact_ids".into()
-            }
+            missing_object("Could not find the 'artifact_ids' column of 'chat_messages' in the schema cache"),
+            MissingObject::Column { table: "chat_messages".into(), column: "artifact_ids".into() }
         );
         assert_eq!(
             missing_object("Column 'artifact_ids' of relation 'chat_messages' does not exist"),
-            MissingObject::Column {
-                table: "chat_messages".into(),
-                column: "artifact_ids".into()
-            }
+            MissingObject::Column { table: "chat_messages".into(), column: "artifact_ids".into() }
         );
         assert_eq!(
             missing_object("Could not find the table 'public.artifacts' in the schema cache"),
-            MissingObject::Table {
-                schema: "public".into(),
-                table: "artifacts".into()
-            }
+            MissingObject::Table { schema: "public".into(), table: "artifacts".into() }
         );
         assert_eq!(
-            missing_object(
-                "Could not find the function public.summarize(a, message_id) in the schema cache"
-            ),
+            missing_object("Could not find the function public.summarize(a, message_id) in the schema cache"),
             MissingObject::Function {
                 schema: "public".into(),
                 name: "summarize".into(),
@@ -377,14 +282,8 @@ mod tests {
             }
         );
         assert_eq!(
-            missing_object(
-                "Could not find the function public.ping without parameters in the schema cache"
-            ),
-            MissingObject::Function {
-                schema: "public".into(),
-                name: "ping".into(),
-                args: vec![]
-            }
+            missing_object("Could not find the function public.ping without parameters in the schema cache"),
+            MissingObject::Function { schema: "public".into(), name: "ping".into(), args: vec![] }
         );
         assert_eq!(
             missing_object("Could not find a relationship between 'chat_messages' and 'projects' in the schema cache"),
@@ -394,40 +293,20 @@ mod tests {
 
     #[test]
     fn only_staleness_is_healed() {
-        for code in [
-            "PGRST201", "PGRST203", "PGRST111", "PGRST112", "PGRST116", "23505", "42703",
-            "PGRST000",
-        ] {
+        for code in ["PGRST201", "PGRST203", "PGRST111", "PGRST112", "PGRST116", "23505", "42P10", "PGRST000"] {
             assert_eq!(code_verdict(code, None), Verdict::PassThrough, "{code}");
         }
         assert_eq!(code_verdict("PGRST002", None), Verdict::CacheEmpty);
-        assert_eq!(
-            code_verdict("42703", None),
-            Verdict::StaleDatabase { code: "42703" }
-        );
-        assert!(matches!(
-            code_verdict("PGRST204", None),
-            Verdict::Stale {
-                code: StaleCode::Column,
-                ..
-            }
-        ));
+        assert_eq!(code_verdict("42703", None), Verdict::StaleDatabase { code: "42703" });
+        assert!(matches!(code_verdict("PGRST204", None), Verdict::Stale { code: StaleCode::Column, .. }));
     }
 
-    fn response(
-        status: u16,
-        headers: &[(&str, &str)],
-        body: &'static str,
-    ) -> Response<http_body_util::Full<Bytes>> {
+    fn response(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<http_body_util::Full<Bytes>> {
         let mut builder = Response::builder().status(status);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        builder
-            .body(http_body_util::Full::new(Bytes::from_static(
-                body.as_bytes(),
-            )))
-            .unwrap()
+        builder.body(http_body_util::Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
     }
 
     #[tokio::test]
@@ -435,51 +314,25 @@ mod tests {
         let body = r#"{"code":"PGRST204","details":null,"hint":null,"message":"Could not find the 'a' column of 't' in the schema cache"}"#;
         let with_header = response(
             400,
-            &[
-                ("proxy-status", "PostgREST; error=PGRST204"),
-                ("content-type", "application/json; charset=utf-8"),
-            ],
+            &[("proxy-status", "PostgREST; error=PGRST204"), ("content-type", "application/json; charset=utf-8")],
             body,
         );
         let (kept, verdict) = inspect(with_header, &Method::POST).await;
-        assert!(matches!(
-            verdict,
-            Verdict::Stale {
-                code: StaleCode::Column,
-                object: MissingObject::Column { .. }
-            }
-        ));
+        assert!(matches!(verdict, Verdict::Stale { code: StaleCode::Column, object: MissingObject::Column { .. } }));
         assert_eq!(kept.into_body().collect().await.unwrap().to_bytes(), body);
 
-        let without_header = response(
-            400,
-            &[("content-type", "application/json; charset=utf-8")],
-            body,
-        );
-        assert!(matches!(
-            inspect(without_header, &Method::POST).await.1,
-            Verdict::Stale { .. }
-        ));
+        let without_header = response(400, &[("content-type", "application/json; charset=utf-8")], body);
+        assert!(matches!(inspect(without_header, &Method::POST).await.1, Verdict::Stale { .. }));
 
-        let legacy = response(
-            404,
-            &[("content-type", "application/json; charset=utf-8")],
-            "{}",
-        );
+        let legacy = response(404, &[("content-type", "application/json; charset=utf-8")], "{}");
         assert_eq!(
             inspect(legacy, &Method::POST).await.1,
-            Verdict::Stale {
-                code: StaleCode::LegacyTableWrite,
-                object: MissingObject::Unknown
-            }
+            Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown }
         );
 
         let ok = response(200, &[("content-type", "application/json")], "[]");
         assert_eq!(inspect(ok, &Method::GET).await.1, Verdict::PassThrough);
         let ambiguous = response(300, &[("proxy-status", "PostgREST; error=PGRST201")], "{}");
-        assert_eq!(
-            inspect(ambiguous, &Method::GET).await.1,
-            Verdict::PassThrough
-        );
+        assert_eq!(inspect(ambiguous, &Method::GET).await.1, Verdict::PassThrough);
     }
 }

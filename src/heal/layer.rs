@@ -24,12 +24,7 @@ impl HealLayer {
         metrics: Arc<Metrics>,
         catalog: Option<Arc<CatalogCheck>>,
     ) -> HealLayer {
-        HealLayer {
-            coordinator,
-            policy,
-            metrics,
-            catalog,
-        }
+        HealLayer { coordinator, policy, metrics, catalog }
     }
 }
 

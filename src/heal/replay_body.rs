@@ -63,20 +63,11 @@ impl<B: Body<Data = Bytes>> ReplayBody<B> {
             complete: inner.is_end_stream(),
             ..Tape::default()
         }));
-        (
-            ReplayBody::Recording {
-                inner,
-                tape: tape.clone(),
-                limit,
-            },
-            Recording { tape },
-        )
+        (ReplayBody::Recording { inner, tape: tape.clone(), limit }, Recording { tape })
     }
 
     pub fn replay(data: Bytes) -> ReplayBody<B> {
-        ReplayBody::Replay {
-            data: Some(data).filter(|d| !d.is_empty()),
-        }
+        ReplayBody::Replay { data: Some(data).filter(|d| !d.is_empty()) }
     }
 }
 
@@ -84,16 +75,9 @@ impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project() {
-            ReplayBodyProj::Recording {
-                mut inner,
-                tape,
-                limit,
-            } => {
+            ReplayBodyProj::Recording { mut inner, tape, limit } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 // A client that knows the length may stop polling after the last byte, so the end is
                 // taken from the body's own account as well as from a final `None`.
@@ -133,9 +117,7 @@ impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReplayBody::Recording { inner, .. } => inner.size_hint(),
-            ReplayBody::Replay { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ReplayBody::Replay { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }
@@ -145,13 +127,9 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full, StreamBody};
 
-    fn chunked(
-        parts: &[&'static str],
-    ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
-        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = parts
-            .iter()
-            .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
-            .collect();
+    fn chunked(parts: &[&'static str]) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
         StreamBody::new(futures_util::stream::iter(frames))
     }
 

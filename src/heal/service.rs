@@ -134,8 +134,7 @@ impl<S> HealService<S> {
             self.metrics.heal(verdict_code(&verdict), "not_replayable");
             return response;
         };
-        self.heal(template, replay_body, response, verdict, sent_at)
-            .await
+        self.heal(template, replay_body, response, verdict, sent_at).await
     }
 
     async fn send<B>(&self, request: Request<ReplayBody<B>>) -> Response<GuardBody>
@@ -179,15 +178,11 @@ impl<S> HealService<S> {
         let schema = request_schema(&template, &self.policy.default_schema);
         let mut object = String::new();
         let mut ticket: Option<Ticket> = None;
-        let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) =
-            (0u32, 0u32, 0u32, 0u32);
+        let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32, 0u32);
         let outcome = loop {
             let proceed = match &verdict {
                 Verdict::PassThrough => break if replays > 0 { "healed" } else { "passed" },
-                Verdict::Stale {
-                    code: stale_code,
-                    object: named,
-                } => {
+                Verdict::Stale { code: stale_code, object: named } => {
                     if ticket.is_none() {
                         if flights == 0 {
                             let named = with_path_table(named, &template, &schema);
@@ -195,10 +190,7 @@ impl<S> HealService<S> {
                             if let Some(catalog) = &self.catalog {
                                 let answer = catalog.exists(&named, &schema).await;
                                 self.metrics.catalog_check(answer.as_str());
-                                if matches!(
-                                    answer,
-                                    CatalogAnswer::Missing | CatalogAnswer::RememberedMissing
-                                ) {
+                                if matches!(answer, CatalogAnswer::Missing | CatalogAnswer::RememberedMissing) {
                                     break "client_error";
                                 }
                             }
@@ -270,8 +262,7 @@ impl<S> HealService<S> {
             if let Some(ticket) = &ticket {
                 ticket.succeeded();
             }
-            last.headers_mut()
-                .insert(REPLAYED_HEADER, HeaderValue::from_static("replayed"));
+            last.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("replayed"));
         }
         self.metrics.heal(code, outcome);
         self.metrics.observe_heal_wait(started.elapsed());
@@ -282,31 +273,18 @@ impl<S> HealService<S> {
 
 /// The schema a request addresses: `Accept-Profile` for reads, `Content-Profile` for writes.
 fn request_schema(template: &RequestTemplate, default: &str) -> String {
-    let header = if matches!(template.method, Method::GET | Method::HEAD) {
-        "accept-profile"
-    } else {
-        "content-profile"
-    };
-    template
-        .headers
-        .get(header)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(default)
-        .to_string()
+    let header =
+        if matches!(template.method, Method::GET | Method::HEAD) { "accept-profile" } else { "content-profile" };
+    template.headers.get(header).and_then(|v| v.to_str().ok()).unwrap_or(default).to_string()
 }
 
 /// Before v13 a write to an uncached table is a bare `404 {}`: the table is the path's last segment.
-fn with_path_table(
-    object: &MissingObject,
-    template: &RequestTemplate,
-    schema: &str,
-) -> MissingObject {
+fn with_path_table(object: &MissingObject, template: &RequestTemplate, schema: &str) -> MissingObject {
     match object {
         MissingObject::Unknown => match template.uri.path().rsplit('/').next() {
-            Some(table) if !table.is_empty() => MissingObject::Table {
-                schema: schema.to_string(),
-                table: table.to_string(),
-            },
+            Some(table) if !table.is_empty() => {
+                MissingObject::Table { schema: schema.to_string(), table: table.to_string() }
+            }
             _ => MissingObject::Unknown,
         },
         known => known.clone(),

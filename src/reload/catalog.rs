@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::notifier::Notifier;
@@ -33,10 +34,14 @@ impl CatalogAnswer {
     }
 }
 
+type CheckKey = (String, MissingObject);
+
 pub struct CatalogCheck {
     database: Arc<Notifier>,
     remember_missing: Duration,
-    missing: Mutex<HashMap<(String, MissingObject), Instant>>,
+    missing: Mutex<HashMap<CheckKey, Instant>>,
+    /// Checks under way, so that a burst of identical errors costs one query.
+    in_flight: Mutex<HashMap<CheckKey, watch::Receiver<Option<CatalogAnswer>>>>,
 }
 
 const MAX_REMEMBERED: usize = 10_000;
@@ -47,6 +52,7 @@ impl CatalogCheck {
             database,
             remember_missing,
             missing: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -59,6 +65,37 @@ impl CatalogCheck {
                 return CatalogAnswer::RememberedMissing;
             }
         }
+        let publish_or_join = {
+            let mut in_flight = self.in_flight.lock().expect("catalog lock");
+            match in_flight.get(&key) {
+                Some(receiver) => Err(receiver.clone()),
+                None => {
+                    let (publish, receiver) = watch::channel(None);
+                    in_flight.insert(key.clone(), receiver);
+                    Ok(publish)
+                }
+            }
+        };
+        let mut receiver = match publish_or_join {
+            Ok(publish) => {
+                let answer = self.query(object, schema, &key).await;
+                publish.send_replace(Some(answer));
+                self.in_flight.lock().expect("catalog lock").remove(&key);
+                return answer;
+            }
+            Err(receiver) => receiver,
+        };
+        let answer = match receiver.wait_for(Option::is_some).await {
+            Ok(answer) => answer.expect("waited for an answer"),
+            Err(_) => CatalogAnswer::Unknown,
+        };
+        match answer {
+            CatalogAnswer::Missing => CatalogAnswer::RememberedMissing,
+            other => other,
+        }
+    }
+
+    async fn query(&self, object: &MissingObject, schema: &str, key: &CheckKey) -> CatalogAnswer {
         let answer = match object {
             MissingObject::Column { table, column } => {
                 self.database
@@ -121,7 +158,7 @@ impl CatalogCheck {
                         missing.clear();
                     }
                 }
-                missing.insert(key, Instant::now());
+                missing.insert(key.clone(), Instant::now());
                 CatalogAnswer::Missing
             }
             Err(e) => {

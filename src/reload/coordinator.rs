@@ -76,11 +76,9 @@ pub struct Flight {
 }
 
 enum Completion {
-    /// PostgREST's load counter, read before the NOTIFY and polled after it.
-    LoadCounter {
-        baseline: u64,
-        loads: watch::Receiver<u64>,
-    },
+    /// PostgREST's load counter, read before the NOTIFY and polled after it; the channel carries
+    /// how many loads have finished since.
+    LoadCounter { rises: watch::Receiver<u64> },
     /// No way to observe the reload: replay after a growing back-off.
     Backoff { backoff: Duration },
 }
@@ -175,10 +173,7 @@ impl ReloadCoordinator {
             tokio::time::sleep_until(last + self.settings.min_interval).await;
         }
         let baseline = self.read_baseline().await;
-        self.notifier
-            .notify_reload()
-            .await
-            .map_err(ReloadError::Notify)?;
+        self.notifier.notify_reload().await.map_err(ReloadError::Notify)?;
         log.last_notify = Some(Instant::now());
         let flight = self.new_flight(baseline);
         log.pending = Some(flight.clone());
@@ -200,38 +195,20 @@ impl ReloadCoordinator {
         let notified_at = Instant::now();
         let (completion, poller) = match (baseline, &self.load_counter) {
             (Some(baseline), Some(counter)) => {
-                let (publish, loads) = watch::channel(baseline);
-                (
-                    Completion::LoadCounter { baseline, loads },
-                    Some((counter.clone(), publish, baseline)),
-                )
+                let (publish, rises) = watch::channel(0);
+                (Completion::LoadCounter { rises }, Some((counter.clone(), publish, baseline)))
             }
-            _ => (
-                Completion::Backoff {
-                    backoff: self.settings.backoff,
-                },
-                None,
-            ),
+            _ => (Completion::Backoff { backoff: self.settings.backoff }, None),
         };
-        let flight = Arc::new(Flight {
-            notified_at,
-            completion,
-            completed_at: Mutex::new(None),
-        });
+        let flight = Arc::new(Flight { notified_at, completion, completed_at: Mutex::new(None) });
         if let Some((counter, publish, baseline)) = poller {
-            spawn_load_poller(
-                Arc::downgrade(&flight),
-                counter,
-                publish,
-                baseline,
-                self.settings.clone(),
-            );
+            spawn_load_poller(Arc::downgrade(&flight), counter, publish, baseline, self.settings.clone());
         }
         flight
     }
 }
 
-/// Publishes the load counter until it has risen twice or time is up, and marks the flight
+/// Publishes the loads finished since `baseline` until there are two or time is up, and marks the flight
 /// complete at the first rise, so later failures stop joining it.
 fn spawn_load_poller(
     flight: Weak<Flight>,
@@ -247,14 +224,17 @@ fn spawn_load_poller(
             let Ok(count) = counter.successful_loads().await else {
                 continue;
             };
-            if count > baseline {
+            // A counter below the baseline means PostgREST restarted, and a restart loads a fresh
+            // cache: as good as both loads the debounce could owe us.
+            let rises = if count < baseline { 2 } else { count - baseline };
+            if rises > 0 {
                 match flight.upgrade() {
                     Some(flight) => flight.mark_completed(Instant::now()),
                     None => break,
                 }
             }
-            publish.send_replace(count);
-            if count >= baseline + 2 {
+            publish.send_replace(rises);
+            if rises >= 2 {
                 break;
             }
         }
@@ -267,10 +247,7 @@ impl Flight {
     }
 
     pub fn mark_completed(&self, at: Instant) {
-        self.completed_at
-            .lock()
-            .expect("flight lock")
-            .get_or_insert(at);
+        self.completed_at.lock().expect("flight lock").get_or_insert(at);
     }
 }
 
@@ -283,26 +260,20 @@ impl Ticket {
             Ticket::Flight(flight) => flight,
         };
         match &flight.completion {
-            Completion::LoadCounter { baseline, loads } => {
+            Completion::LoadCounter { rises } => {
                 // PostgREST's debounce: the load that started after our NOTIFY ends at the first or,
                 // if one was already running, the second rise of the counter.
                 let (target, limit) = match attempt {
-                    1 => (baseline + 1, deadline),
+                    1 => (1, deadline),
                     2 => {
                         let risen = flight.completed_at().unwrap_or_else(Instant::now);
                         let first_load = risen.saturating_duration_since(flight.notified_at);
-                        (
-                            baseline + 2,
-                            deadline.min(
-                                risen + first_load * 2 + DEBOUNCE + Duration::from_millis(150),
-                            ),
-                        )
+                        (2, deadline.min(risen + first_load * 2 + DEBOUNCE + Duration::from_millis(150)))
                     }
                     _ => return false,
                 };
-                let mut loads = loads.clone();
-                let reached =
-                    tokio::time::timeout_at(limit, loads.wait_for(|count| *count >= target)).await;
+                let mut rises = rises.clone();
+                let reached = tokio::time::timeout_at(limit, rises.wait_for(|count| *count >= target)).await;
                 matches!(reached, Ok(Ok(_)))
             }
             Completion::Backoff { backoff } => backoff_wait(attempt, *backoff, deadline).await,
@@ -319,9 +290,7 @@ impl Ticket {
 
 /// Sleeps `backoff * 2^(attempt-1)` (at most 1 s) unless that would pass `deadline`.
 pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) -> bool {
-    let delay = backoff
-        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
+    let delay = backoff.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(MAX_BACKOFF);
     if Instant::now() + delay > deadline {
         return false;
     }

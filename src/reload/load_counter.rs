@@ -30,10 +30,7 @@ pub enum ProbeError {
 impl std::fmt::Display for ProbeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ProbeError::NoMetric => write!(
-                f,
-                "the admin server has no pgrst_schema_cache_loads_total metric"
-            ),
+            ProbeError::NoMetric => write!(f, "the admin server has no pgrst_schema_cache_loads_total metric"),
             ProbeError::Unreachable(reason) => write!(f, "admin server unreachable: {reason}"),
         }
     }
@@ -41,25 +38,17 @@ impl std::fmt::Display for ProbeError {
 
 impl LoadCounter {
     pub fn new(admin: &UpstreamUrl) -> LoadCounter {
-        let metrics_uri = format!(
-            "{}://{}{}/metrics",
-            admin.scheme, admin.authority, admin.path_prefix
-        )
-        .parse()
-        .expect("admin URL was validated");
+        let metrics_uri = format!("{}://{}{}/metrics", admin.scheme, admin.authority, admin.path_prefix)
+            .parse()
+            .expect("admin URL was validated");
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(PROBE_TIMEOUT));
-        LoadCounter {
-            metrics_uri,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
+        LoadCounter { metrics_uri, client: Client::builder(TokioExecutor::new()).build(connector) }
     }
 
     pub async fn successful_loads(&self) -> Result<u64, ProbeError> {
-        let request = Request::get(self.metrics_uri.clone())
-            .body(Empty::new())
-            .expect("valid request");
+        let request = Request::get(self.metrics_uri.clone()).body(Empty::new()).expect("valid request");
         let response = tokio::time::timeout(PROBE_TIMEOUT, self.client.request(request))
             .await
             .map_err(|_| ProbeError::Unreachable("timed out".to_string()))?
@@ -101,10 +90,7 @@ mod tests {
     fn reads_the_success_series() {
         let text = "# TYPE pgrst_schema_cache_loads_total counter\npgrst_schema_cache_loads_total{status=\"FAIL\"} 2.0\npgrst_schema_cache_loads_total{status=\"SUCCESS\"} 7.0\n";
         assert_eq!(parse_success_count(text), Some(7));
-        assert_eq!(
-            parse_success_count("pgrst_schema_cache_loads_total{status=\"FAIL\"} 1.0\n"),
-            Some(0)
-        );
+        assert_eq!(parse_success_count("pgrst_schema_cache_loads_total{status=\"FAIL\"} 1.0\n"), Some(0));
         assert_eq!(parse_success_count("pgrst_db_pool_max 10.0\n"), None);
     }
 }

@@ -86,31 +86,19 @@ impl Notifier {
     /// `pg_notify` takes the channel as a value: no identifier quoting to get wrong, and the name
     /// stays case-sensitive as PostgREST's quoted LISTEN expects.
     pub async fn notify_reload(&self) -> Result<(), NotifyError> {
-        self.query_bool(
-            "SELECT pg_notify($1, 'reload schema') IS NULL",
-            &[&self.channel],
-        )
-        .await?;
+        self.query_bool("SELECT pg_notify($1, 'reload schema') IS NULL", &[&self.channel]).await?;
         self.sent.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
     /// Runs a one-row, one-boolean query on the guard's connection.
-    pub async fn query_bool(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<bool, NotifyError> {
+    pub async fn query_bool(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool, NotifyError> {
         let guard = self.client.read().await;
         let client = guard.as_ref().ok_or(NotifyError::Disconnected)?;
         match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(sql, params)).await {
-            Ok(Ok(row)) => row
-                .try_get(0)
-                .map_err(|e| NotifyError::Failed(e.to_string())),
+            Ok(Ok(row)) => row.try_get(0).map_err(|e| NotifyError::Failed(e.to_string())),
             Ok(Err(e)) => Err(NotifyError::Failed(e.to_string())),
-            Err(_) => Err(NotifyError::Failed(format!(
-                "no answer within {QUERY_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(NotifyError::Failed(format!("no answer within {QUERY_TIMEOUT:?}"))),
         }
     }
 
@@ -120,10 +108,7 @@ impl Notifier {
             return;
         }
         self.seen.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(
-            sender_pid = pid,
-            "saw a schema reload request on the channel"
-        );
+        tracing::debug!(sender_pid = pid, "saw a schema reload request on the channel");
         let _ = self.observed.send(ObservedReload { sender_pid: pid });
     }
 }
@@ -131,11 +116,7 @@ impl Notifier {
 async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        let attempt = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_postgres::connect(db_uri.expose(), NoTls),
-        )
-        .await;
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(db_uri.expose(), NoTls)).await;
         let Some(this) = notifier.upgrade() else {
             return;
         };
@@ -143,14 +124,11 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
             Ok(Ok((client, mut connection))) => {
                 let weak = notifier.clone();
                 let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(message) = messages.next().await {
                         match message {
                             Ok(AsyncMessage::Notification(n)) => match weak.upgrade() {
-                                Some(this) => {
-                                    this.on_notification(n.process_id(), n.channel(), n.payload())
-                                }
+                                Some(this) => this.on_notification(n.process_id(), n.channel(), n.payload()),
                                 None => return Ok(()),
                             },
                             Ok(_) => {}
@@ -179,8 +157,12 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
                 this.connected.store(false, Ordering::Release);
                 *this.client.write().await = None;
                 match ended {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "database connection for reload NOTIFY lost; healing paused until it is back"),
-                    _ => tracing::warn!("database connection for reload NOTIFY closed; healing paused until it is back"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "database connection for reload NOTIFY lost; healing paused until it is back")
+                    }
+                    _ => {
+                        tracing::warn!("database connection for reload NOTIFY closed; healing paused until it is back")
+                    }
                 }
             }
             Ok(Err(e)) => {
@@ -198,10 +180,7 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
 /// Our backend pid (to tell our own NOTIFYs from others') and the LISTEN. A LISTEN that fails (a
 /// transaction-mode pooler) costs only the joining of others' reloads, not the connection.
 async fn setup(client: &Client, channel: &str) -> Result<i32, tokio_postgres::Error> {
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await?
-        .get(0);
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let listen = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
     if let Err(e) = client.batch_execute(&listen).await {
         tracing::warn!(error = %e, channel, "LISTEN failed: reloads sent by others will not be joined");

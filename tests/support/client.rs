@@ -16,8 +16,7 @@ pub struct TestResponse {
 
 impl TestResponse {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
 
     pub fn text(&self) -> String {
@@ -49,9 +48,7 @@ impl Default for HttpClient {
 
 impl HttpClient {
     pub fn new() -> HttpClient {
-        HttpClient {
-            inner: Client::builder(TokioExecutor::new()).build_http(),
-        }
+        HttpClient { inner: Client::builder(TokioExecutor::new()).build_http() }
     }
 
     pub async fn send(
@@ -61,9 +58,7 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> TestResponse {
-        self.try_send(method, url, headers, body)
-            .await
-            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
+        self.try_send(method, url, headers, body).await.unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
     }
 
     pub async fn try_send(
@@ -77,21 +72,11 @@ impl HttpClient {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let request = builder
-            .body(Full::new(body.into()))
-            .map_err(|e| e.to_string())?;
-        let response = self
-            .inner
-            .request(request)
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let request = builder.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+        let response = self.inner.request(request).await.map_err(|e| format!("{e:?}"))?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(TestResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(TestResponse { status: parts.status, headers: parts.headers, body })
     }
 
     pub async fn get(&self, url: &str) -> TestResponse {
@@ -99,13 +84,7 @@ impl HttpClient {
     }
 
     pub async fn post_json(&self, url: &str, body: &str) -> TestResponse {
-        self.send(
-            Method::POST,
-            url,
-            &[("content-type", "application/json")],
-            body.to_string(),
-        )
-        .await
+        self.send(Method::POST, url, &[("content-type", "application/json")], body.to_string()).await
     }
 }
 

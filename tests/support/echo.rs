@@ -53,12 +53,8 @@ async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         std::future::pending::<()>().await;
     }
     if request.uri().path().ends_with("/big") {
-        let size: usize = request
-            .uri()
-            .query()
-            .and_then(|q| q.strip_prefix("n="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let size: usize =
+            request.uri().query().and_then(|q| q.strip_prefix("n=")).and_then(|n| n.parse().ok()).unwrap_or(0);
         return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; size]))));
     }
     let method = request.method().to_string();
@@ -67,19 +63,9 @@ async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
     let headers: serde_json::Map<String, serde_json::Value> = request
         .headers()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
-            )
-        })
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("").to_string())))
         .collect();
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let description = serde_json::json!({
         "method": method, "uri": uri, "version": version, "headers": headers,
         "body_len": body.len(), "body": String::from_utf8_lossy(&body[..body.len().min(1024)]),

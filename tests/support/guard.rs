@@ -11,20 +11,14 @@ use tokio_postgres::{AsyncMessage, NoTls};
 /// A guard in front of `upstream`, NOTIFYing through `db_uri`; `extra` sets or overrides keys.
 pub async fn start_guard(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> RunningGuard {
     let guard = start_guard_without_waiting(upstream, db_uri, extra).await;
-    let connected = super::client::eventually(std::time::Duration::from_secs(10), || async {
-        guard.notifier.is_connected()
-    })
-    .await;
+    let connected =
+        super::client::eventually(std::time::Duration::from_secs(10), || async { guard.notifier.is_connected() }).await;
     assert!(connected, "guard's database connection did not come up");
     guard
 }
 
 /// As [`start_guard`], without waiting for the guard's database connection.
-pub async fn start_guard_without_waiting(
-    upstream: &str,
-    db_uri: &str,
-    extra: &[(&str, &str)],
-) -> RunningGuard {
+pub async fn start_guard_without_waiting(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> RunningGuard {
     let mut raw = RawConfig::new();
     raw.insert("PGRST_GUARD_LISTEN".into(), "127.0.0.1:0".into());
     raw.insert("PGRST_GUARD_UPSTREAM".into(), upstream.into());
@@ -51,9 +45,7 @@ impl Drop for NotifyCounter {
 
 impl NotifyCounter {
     pub async fn listen(db_uri: &str, channel: &str) -> NotifyCounter {
-        let (client, mut connection) = tokio_postgres::connect(db_uri, NoTls)
-            .await
-            .expect("counter connects");
+        let (client, mut connection) = tokio_postgres::connect(db_uri, NoTls).await.expect("counter connects");
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
         let task = tokio::spawn(async move {
@@ -66,15 +58,8 @@ impl NotifyCounter {
                 }
             }
         });
-        client
-            .batch_execute(&format!("LISTEN \"{channel}\""))
-            .await
-            .expect("LISTEN");
-        NotifyCounter {
-            count,
-            _client: client,
-            task,
-        }
+        client.batch_execute(&format!("LISTEN \"{channel}\"")).await.expect("LISTEN");
+        NotifyCounter { count, _client: client, task }
     }
 
     pub fn count(&self) -> u64 {

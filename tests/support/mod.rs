@@ -25,26 +25,15 @@ impl TestBed {
         Self::start_with(setup_sql, |o| o).await
     }
 
-    pub async fn start_with(
-        setup_sql: &str,
-        configure: impl FnOnce(DoubleOptions) -> DoubleOptions,
-    ) -> TestBed {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter("info")
-            .try_init();
+    pub async fn start_with(setup_sql: &str, configure: impl FnOnce(DoubleOptions) -> DoubleOptions) -> TestBed {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
         let pg = TestCluster::start().await;
         if !setup_sql.is_empty() {
             pg.sql(setup_sql).await;
         }
-        let double = PostgrestDouble::start(configure(DoubleOptions::new(pg.uri("postgres"))))
-            .await
-            .expect("double starts");
-        TestBed {
-            pg,
-            double,
-            http: client::HttpClient::new(),
-        }
+        let double =
+            PostgrestDouble::start(configure(DoubleOptions::new(pg.uri("postgres")))).await.expect("double starts");
+        TestBed { pg, double, http: client::HttpClient::new() }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -55,10 +44,8 @@ impl TestBed {
     pub async fn notify_and_wait_reload(&self) {
         let before = self.double.successful_loads();
         self.pg.sql("NOTIFY pgrst, 'reload schema'").await;
-        let reloaded = client::eventually(Duration::from_secs(10), || async {
-            self.double.successful_loads() > before
-        })
-        .await;
+        let reloaded =
+            client::eventually(Duration::from_secs(10), || async { self.double.successful_loads() > before }).await;
         assert!(reloaded, "the double did not reload after NOTIFY");
     }
 }

@@ -21,48 +21,26 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 impl TestCluster {
     /// initdb + start. Blocking work runs off the async runtime.
     pub async fn start() -> TestCluster {
-        tokio::task::spawn_blocking(Self::start_blocking)
-            .await
-            .expect("cluster start task panicked")
+        tokio::task::spawn_blocking(Self::start_blocking).await.expect("cluster start task panicked")
     }
 
     pub fn start_blocking() -> TestCluster {
         let bindir = bindir();
         let as_postgres_user = running_as_root();
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("pgrst-guard-pg-{}-{}", std::process::id(), id));
+        let dir = std::env::temp_dir().join(format!("pgrst-guard-pg-{}-{}", std::process::id(), id));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create cluster dir");
         if as_postgres_user {
             run_checked(Command::new("chown").arg("postgres:postgres").arg(&dir));
         }
-        let cluster = TestCluster {
-            dir,
-            port: free_port(),
-            bindir,
-            as_postgres_user,
-        };
+        let cluster = TestCluster { dir, port: free_port(), bindir, as_postgres_user };
         let data = cluster.data_dir();
         let out = cluster.command(
             "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-locale",
-                "--no-sync",
-            ],
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"],
         );
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         cluster.start_server_blocking();
         cluster
     }
@@ -77,9 +55,8 @@ impl TestCluster {
     }
 
     pub async fn connect(&self, database: &str) -> Client {
-        let (client, connection) = tokio_postgres::connect(&self.uri(database), NoTls)
-            .await
-            .expect("connect to test cluster");
+        let (client, connection) =
+            tokio_postgres::connect(&self.uri(database), NoTls).await.expect("connect to test cluster");
         tokio::spawn(connection);
         client
     }
@@ -91,10 +68,7 @@ impl TestCluster {
 
     pub async fn sql_in(&self, database: &str, sql: &str) {
         let client = self.connect(database).await;
-        client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
 
     pub async fn create_database(&self, name: &str) -> String {
@@ -104,16 +78,12 @@ impl TestCluster {
 
     pub async fn stop(&self) {
         let this = self.handle();
-        tokio::task::spawn_blocking(move || this.stop_blocking())
-            .await
-            .expect("stop task");
+        tokio::task::spawn_blocking(move || this.stop_blocking()).await.expect("stop task");
     }
 
     pub async fn start_again(&self) {
         let this = self.handle();
-        tokio::task::spawn_blocking(move || this.start_server_blocking())
-            .await
-            .expect("start task");
+        tokio::task::spawn_blocking(move || this.start_server_blocking()).await.expect("start task");
     }
 
     pub async fn restart(&self) {
@@ -162,8 +132,7 @@ impl ClusterHandle {
             Command::new(&program)
         };
         cmd.args(args).current_dir(&self.dir);
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
     }
 
     fn start_server_blocking(&self) {
@@ -179,18 +148,7 @@ impl ClusterHandle {
         loop {
             let out = self.command(
                 "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-o",
-                    &options,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
+                &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-o", &options, "-w", "-t", "60", "start"],
             );
             if out.status.success() {
                 return;
@@ -198,10 +156,7 @@ impl ClusterHandle {
             // After a fast restart the old postmaster may still hold the port for a moment.
             if Instant::now() > deadline {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-                panic!(
-                    "pg_ctl start failed: {}\n{log_text}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                panic!("pg_ctl start failed: {}\n{log_text}", String::from_utf8_lossy(&out.stderr));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -209,36 +164,14 @@ impl ClusterHandle {
 
     fn stop_blocking(&self) {
         let data = self.dir.join("data");
-        let _ = self.command(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "60",
-                "stop",
-            ],
-        );
+        let _ = self.command("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "-t", "60", "stop"]);
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
         let data = self.data_dir();
-        let _ = self.command(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let _ = self.command("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -247,10 +180,7 @@ fn bindir() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return PathBuf::from(dir);
     }
-    let out = Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .expect("pg_config not found: install postgresql-15");
+    let out = Command::new("pg_config").arg("--bindir").output().expect("pg_config not found: install postgresql-15");
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     // Debian's pg_config comes from libpq-dev and may point at /usr/bin, which lacks the server.
     if dir.join("initdb").exists() {
@@ -263,28 +193,15 @@ fn bindir() -> PathBuf {
 fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind free port")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind free port").local_addr().unwrap().port()
 }
 
 fn run_checked(cmd: &mut Command) {
     let out = cmd.output().expect("run command");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
 }

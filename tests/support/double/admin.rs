@@ -15,31 +15,21 @@ pub async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<Full<
         "/live" => (StatusCode::OK, None, String::new()),
         "/ready" => {
             let loaded = state.cache.read().unwrap().is_some();
-            let status = if reload.pending.load(Ordering::Acquire)
-                || !reload.listener_up.load(Ordering::Acquire)
-                || !loaded
-            {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::OK
-            };
+            let status =
+                if reload.pending.load(Ordering::Acquire) || !reload.listener_up.load(Ordering::Acquire) || !loaded {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
             (status, None, String::new())
         }
-        "/metrics" if state.profile.has_metrics() => (
-            StatusCode::OK,
-            Some("text/plain; charset=utf-8"),
-            metrics(&state),
-        ),
+        "/metrics" if state.profile.has_metrics() => {
+            (StatusCode::OK, Some("text/plain; charset=utf-8"), metrics(&state))
+        }
         "/schema_cache" if state.profile.has_metrics() => {
             let cache = state.cache.read().unwrap().clone();
-            let body = cache
-                .map(|c| serde_json::to_string(&*c).expect("cache serializes"))
-                .unwrap_or_default();
-            (
-                StatusCode::OK,
-                Some("application/json; charset=utf-8"),
-                body,
-            )
+            let body = cache.map(|c| serde_json::to_string(&*c).expect("cache serializes")).unwrap_or_default();
+            (StatusCode::OK, Some("application/json; charset=utf-8"), body)
         }
         _ => (StatusCode::NOT_FOUND, None, String::new()),
     };
@@ -47,9 +37,7 @@ pub async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<Full<
     if let Some(content_type) = content_type {
         builder = builder.header(header::CONTENT_TYPE, content_type);
     }
-    builder
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid admin response")
+    builder.body(Full::new(Bytes::from(body))).expect("valid admin response")
 }
 
 fn metrics(state: &State) -> String {
@@ -60,9 +48,7 @@ fn metrics(state: &State) -> String {
     );
     let failures = reload.failures.load(Ordering::Acquire);
     if failures > 0 {
-        out.push_str(&format!(
-            "pgrst_schema_cache_loads_total{{status=\"FAIL\"}} {failures}.0\n"
-        ));
+        out.push_str(&format!("pgrst_schema_cache_loads_total{{status=\"FAIL\"}} {failures}.0\n"));
     }
     out.push_str(&format!(
         "pgrst_schema_cache_loads_total{{status=\"SUCCESS\"}} {}.0\n",

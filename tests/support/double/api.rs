@@ -25,19 +25,8 @@ where
     let (parts, body) = request.into_parts();
     let origin = parts.headers.contains_key(header::ORIGIN);
     let mut response = match body.collect().await {
-        Ok(body) => {
-            route(
-                &state,
-                &parts.method,
-                &parts.uri,
-                &parts.headers,
-                body.to_bytes(),
-            )
-            .await
-        }
-        Err(e) => Err(ApiError::invalid_body(&format!(
-            "Error reading request body: {e}"
-        ))),
+        Ok(body) => route(&state, &parts.method, &parts.uri, &parts.headers, body.to_bytes()).await,
+        Err(e) => Err(ApiError::invalid_body(&format!("Error reading request body: {e}"))),
     }
     .unwrap_or_else(|error| error_response(&state, &error));
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -46,15 +35,10 @@ where
         if has_cache || !state.profile.reloads_on_503_only_with_cache() {
             reload::trigger(&state);
         }
-        response
-            .headers_mut()
-            .insert("retry-after", "0".parse().unwrap());
+        response.headers_mut().insert("retry-after", "0".parse().unwrap());
     }
     let headers = response.headers_mut();
-    headers.insert(
-        header::SERVER,
-        state.profile.server_header().parse().unwrap(),
-    );
+    headers.insert(header::SERVER, state.profile.server_header().parse().unwrap());
     if origin {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".parse().unwrap());
         headers.insert(
@@ -71,18 +55,15 @@ where
 }
 
 pub fn error_response(state: &State, error: &ApiError) -> Response<Full<Bytes>> {
-    let mut builder = Response::builder()
-        .status(error.status)
-        .header(header::CONTENT_TYPE, "application/json; charset=utf-8");
+    let mut builder =
+        Response::builder().status(error.status).header(header::CONTENT_TYPE, "application/json; charset=utf-8");
     if state.profile.sends_proxy_status() {
         builder = builder.header("proxy-status", format!("PostgREST; error={}", error.code));
     }
     if error.status == StatusCode::UNAUTHORIZED {
         builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
     }
-    builder
-        .body(Full::new(Bytes::from(error.body())))
-        .expect("valid error response")
+    builder.body(Full::new(Bytes::from(error.body()))).expect("valid error response")
 }
 
 /// What a request asks for after its path is read.
@@ -92,56 +73,24 @@ enum Resource<'a> {
     Rpc(&'a str),
 }
 
-async fn route(
-    state: &State,
-    method: &Method,
-    uri: &http::Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Reply {
+async fn route(state: &State, method: &Method, uri: &http::Uri, headers: &HeaderMap, body: Bytes) -> Reply {
     let path = uri.path().trim_start_matches('/');
-    let segments: Vec<&str> = if path.is_empty() {
-        Vec::new()
-    } else {
-        path.split('/').collect()
-    };
+    let segments: Vec<&str> = if path.is_empty() { Vec::new() } else { path.split('/').collect() };
     let resource = match segments.as_slice() {
         [] => Resource::Root,
         ["rpc", name] => Resource::Rpc(name),
         [name] => Resource::Table(name),
-        _ => {
-            return Err(ApiError::new(
-                404,
-                "PGRST125",
-                "Invalid path specified in request URL",
-            ))
-        }
+        _ => return Err(ApiError::new(404, "PGRST125", "Invalid path specified in request URL")),
     };
     if method == Method::OPTIONS && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
         return Ok(cors_preflight(headers));
     }
     let query = query_pairs(uri);
     let schema = select_schema(state, method, headers)?;
-    let cache = state
-        .cache
-        .read()
-        .unwrap()
-        .clone()
-        .ok_or_else(ApiError::no_schema_cache)?;
-    let request = Ctx {
-        state,
-        cache: &cache,
-        schema: &schema,
-        method,
-        headers,
-        query: &query,
-        body,
-    };
+    let cache = state.cache.read().unwrap().clone().ok_or_else(ApiError::no_schema_cache)?;
+    let request = Ctx { state, cache: &cache, schema: &schema, method, headers, query: &query, body };
     match resource {
-        Resource::Root => Ok(json_response(
-            StatusCode::OK,
-            openapi(&cache, &schema).to_string(),
-        )),
+        Resource::Root => Ok(json_response(StatusCode::OK, openapi(&cache, &schema).to_string())),
         Resource::Rpc(name) => request.rpc(&percent_decode(name)).await,
         Resource::Table(name) => request.table(&percent_decode(name)).await,
     }
@@ -166,10 +115,7 @@ impl Ctx<'_> {
                 return Err(ApiError::new(
                     404,
                     "PGRST205",
-                    format!(
-                        "Could not find the table '{}.{name}' in the schema cache",
-                        self.schema
-                    ),
+                    format!("Could not find the table '{}.{name}' in the schema cache", self.schema),
                 )
                 .hint(query::table_hint(
                     self.cache,
@@ -194,11 +140,7 @@ impl Ctx<'_> {
                 .header(header::ALLOW, "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE")
                 .body(Full::new(Bytes::new()))
                 .expect("valid response")),
-            ref other => Err(ApiError::new(
-                405,
-                "PGRST117",
-                format!("Unsupported HTTP method: {other}"),
-            )),
+            ref other => Err(ApiError::new(405, "PGRST117", format!("Unsupported HTTP method: {other}"))),
         }
     }
 
@@ -230,26 +172,20 @@ impl Ctx<'_> {
     async fn insert(&self, table: &Table, name: &str) -> Reply {
         let rows = parse_rows(&self.body)?;
         let columns: Vec<String> = match self.query.iter().find(|(k, _)| k == "columns") {
-            Some((_, list)) => list
-                .split(',')
-                .map(|c| c.trim().trim_matches('"').to_string())
-                .collect(),
+            Some((_, list)) => list.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect(),
             None => {
                 let keys = |row: &Map<String, Value>| row.keys().cloned().collect::<BTreeSet<_>>();
                 let first = rows.first().map(keys).unwrap_or_default();
                 if rows.iter().any(|r| keys(r) != first) {
                     return Err(ApiError::invalid_body("All object keys must match"));
                 }
-                rows.first()
-                    .map(|r| r.keys().cloned().collect())
-                    .unwrap_or_default()
+                rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default()
             }
         };
         let prefer = Prefer::from(self.headers);
         let target = table_ref(self.schema, name);
         let mut params = Params::default();
-        let payload =
-            params.push(Value::Array(rows.into_iter().map(Value::Object).collect()).to_string());
+        let payload = params.push(Value::Array(rows.into_iter().map(Value::Object).collect()).to_string());
         let insert = if columns.is_empty() {
             format!("INSERT INTO {target} SELECT FROM json_array_elements({payload}::json) RETURNING {target}.*")
         } else {
@@ -258,11 +194,7 @@ impl Ctx<'_> {
                 .iter()
                 .map(|c| {
                     let value = format!("pgrst_body.{}", ident(c));
-                    match table
-                        .column(c)
-                        .and_then(|col| col.default.as_ref())
-                        .filter(|_| prefer.missing_default)
-                    {
+                    match table.column(c).and_then(|col| col.default.as_ref()).filter(|_| prefer.missing_default) {
                         Some(default) => format!(
                             "CASE WHEN pgrst_rows.elem::jsonb ? {} THEN {value} ELSE {default} END",
                             string_literal(c)
@@ -274,25 +206,18 @@ impl Ctx<'_> {
             let conflict = match prefer.resolution {
                 None => String::new(),
                 Some(resolution) => {
-                    let target_columns: Vec<String> =
-                        match self.query.iter().find(|(k, _)| k == "on_conflict") {
-                            Some((_, list)) => list.split(',').map(|c| ident(c.trim())).collect(),
-                            None => table.primary_key.iter().map(|c| ident(c)).collect(),
-                        };
+                    let target_columns: Vec<String> = match self.query.iter().find(|(k, _)| k == "on_conflict") {
+                        Some((_, list)) => list.split(',').map(|c| ident(c.trim())).collect(),
+                        None => table.primary_key.iter().map(|c| ident(c)).collect(),
+                    };
                     if target_columns.is_empty() {
                         String::new()
                     } else if resolution == Resolution::IgnoreDuplicates {
                         format!(" ON CONFLICT ({}) DO NOTHING", target_columns.join(", "))
                     } else {
-                        let sets: Vec<String> = columns
-                            .iter()
-                            .map(|c| format!("{} = EXCLUDED.{}", ident(c), ident(c)))
-                            .collect();
-                        format!(
-                            " ON CONFLICT ({}) DO UPDATE SET {}",
-                            target_columns.join(", "),
-                            sets.join(", ")
-                        )
+                        let sets: Vec<String> =
+                            columns.iter().map(|c| format!("{} = EXCLUDED.{}", ident(c), ident(c))).collect();
+                        format!(" ON CONFLICT ({}) DO UPDATE SET {}", target_columns.join(", "), sets.join(", "))
                     }
                 }
             };
@@ -303,8 +228,7 @@ impl Ctx<'_> {
                 values.join(", "),
             )
         };
-        self.mutate(insert, params, &prefer, StatusCode::CREATED, name)
-            .await
+        self.mutate(insert, params, &prefer, StatusCode::CREATED, name).await
     }
 
     async fn update(&self, table: &Table, name: &str) -> Reply {
@@ -322,35 +246,21 @@ impl Ctx<'_> {
         let mut params = Params::default();
         let payload = params.push(Value::Object(row).to_string());
         let conditions = query::filters(&target, self.query, &mut params)?;
-        let sets: Vec<String> = columns
-            .iter()
-            .map(|c| format!("{} = pgrst_body.{}", ident(c), ident(c)))
-            .collect();
+        let sets: Vec<String> = columns.iter().map(|c| format!("{} = pgrst_body.{}", ident(c), ident(c))).collect();
         let sql = format!(
             "UPDATE {target} SET {} FROM (SELECT * FROM json_to_record({payload}::json) AS pgrst_body({record_type})) pgrst_body{} RETURNING {target}.*",
             sets.join(", "),
             where_clause(&conditions)
         );
-        self.mutate(sql, params, &prefer, StatusCode::OK, name)
-            .await
+        self.mutate(sql, params, &prefer, StatusCode::OK, name).await
     }
 
     async fn delete(&self, name: &str) -> Reply {
         let target = table_ref(self.schema, name);
         let mut params = Params::default();
         let conditions = query::filters(&target, self.query, &mut params)?;
-        let sql = format!(
-            "DELETE FROM {target}{} RETURNING {target}.*",
-            where_clause(&conditions)
-        );
-        self.mutate(
-            sql,
-            params,
-            &Prefer::from(self.headers),
-            StatusCode::OK,
-            name,
-        )
-        .await
+        let sql = format!("DELETE FROM {target}{} RETURNING {target}.*", where_clause(&conditions));
+        self.mutate(sql, params, &Prefer::from(self.headers), StatusCode::OK, name).await
     }
 
     /// Column definitions for json_to_record, typed from the cache; an unknown key is PGRST204.
@@ -359,11 +269,9 @@ impl Ctx<'_> {
             .iter()
             .map(|c| match table.column(c) {
                 Some(col) => Ok(format!("{} {}", ident(c), col.data_type)),
-                None => Err(ApiError::new(
-                    400,
-                    "PGRST204",
-                    self.state.profile.column_not_found_message(c, &table.name),
-                )),
+                None => {
+                    Err(ApiError::new(400, "PGRST204", self.state.profile.column_not_found_message(c, &table.name)))
+                }
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|defs| defs.join(", "))
@@ -378,14 +286,7 @@ impl Ctx<'_> {
         name: &str,
     ) -> Reply {
         let items = self.select_items()?;
-        let list = query::select_list(
-            self.cache,
-            self.schema,
-            name,
-            "pgrst_source",
-            &items,
-            &mut 0,
-        )?;
+        let list = query::select_list(self.cache, self.schema, name, "pgrst_source", &items, &mut 0)?;
         let sql = format!(
             "WITH pgrst_source AS ({statement}) SELECT coalesce(json_agg(_postgrest_t), '[]')::text, count(_postgrest_t)::bigint \
              FROM (SELECT {list} FROM pgrst_source) _postgrest_t"
@@ -393,23 +294,11 @@ impl Ctx<'_> {
         let (body, count) = self.run(false, &sql, &params).await?;
         let created = *self.method == Method::POST;
         if prefer.representation {
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                representation_status
-            };
+            let status = if created { StatusCode::CREATED } else { representation_status };
             return self.rows_response(status, body, count, 0, false);
         }
-        let status = if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::NO_CONTENT
-        };
-        let range = if created {
-            "*/*".to_string()
-        } else {
-            content_range(count, 0)
-        };
+        let status = if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT };
+        let range = if created { "*/*".to_string() } else { content_range(count, 0) };
         Ok(Response::builder()
             .status(status)
             .header(header::CONTENT_RANGE, range)
@@ -421,10 +310,7 @@ impl Ctx<'_> {
         if prefer.representation {
             return Ok(json_response(StatusCode::OK, "[]".to_string()));
         }
-        Ok(Response::builder()
-            .status(StatusCode::NO_CONTENT)
-            .body(Full::new(Bytes::new()))
-            .expect("valid response"))
+        Ok(Response::builder().status(StatusCode::NO_CONTENT).body(Full::new(Bytes::new())).expect("valid response"))
     }
 
     async fn rpc(&self, name: &str) -> Reply {
@@ -445,13 +331,7 @@ impl Ctx<'_> {
                     _ => return Err(ApiError::invalid_body("Empty or invalid json")),
                 },
             },
-            ref other => {
-                return Err(ApiError::new(
-                    405,
-                    "PGRST101",
-                    format!("Cannot use the {other} method on RPC"),
-                ))
-            }
+            ref other => return Err(ApiError::new(405, "PGRST101", format!("Cannot use the {other} method on RPC"))),
         };
         let routine = self.find_routine(name, &args)?;
         let mut params = Params::default();
@@ -462,26 +342,13 @@ impl Ctx<'_> {
             let defs: Vec<String> = args
                 .keys()
                 .map(|k| {
-                    let ty = &routine
-                        .params
-                        .iter()
-                        .find(|p| &p.name == k)
-                        .expect("matched routine has the arg")
-                        .data_type;
+                    let ty =
+                        &routine.params.iter().find(|p| &p.name == k).expect("matched routine has the arg").data_type;
                     format!("{} {ty}", ident(k))
                 })
                 .collect();
-            let call: Vec<String> = args
-                .keys()
-                .map(|k| format!("{} := pgrst_args.{}", ident(k), ident(k)))
-                .collect();
-            (
-                format!(
-                    " FROM json_to_record({payload}::json) AS pgrst_args({})",
-                    defs.join(", ")
-                ),
-                call.join(", "),
-            )
+            let call: Vec<String> = args.keys().map(|k| format!("{} := pgrst_args.{}", ident(k), ident(k))).collect();
+            (format!(" FROM json_to_record({payload}::json) AS pgrst_args({})", defs.join(", ")), call.join(", "))
         };
         let function = format!("{}({call_args})", table_ref(&routine.schema, &routine.name));
         let sql = match (routine.returns_set, routine.returns_composite) {
@@ -513,9 +380,7 @@ impl Ctx<'_> {
             .iter()
             .filter(|r| {
                 args.keys().all(|k| r.params.iter().any(|p| &p.name == k))
-                    && r.params
-                        .iter()
-                        .all(|p| p.has_default || args.contains_key(&p.name))
+                    && r.params.iter().all(|p| p.has_default || args.contains_key(&p.name))
             })
             .collect();
         match matching.as_slice() {
@@ -525,11 +390,8 @@ impl Ctx<'_> {
                 let described: Vec<String> = many
                     .iter()
                     .map(|r| {
-                        let params: Vec<String> = r
-                            .params
-                            .iter()
-                            .map(|p| format!("{} => {}", p.name, p.data_type))
-                            .collect();
+                        let params: Vec<String> =
+                            r.params.iter().map(|p| format!("{} => {}", p.name, p.data_type)).collect();
                         format!("{}.{}({})", r.schema, r.name, params.join(", "))
                     })
                     .collect();
@@ -543,46 +405,23 @@ impl Ctx<'_> {
         let keys: Vec<&str> = args.keys().map(String::as_str).collect();
         let function = format!("{}.{name}", self.schema);
         let (message_params, detail_params) = if keys.is_empty() {
-            (
-                " without parameters".to_string(),
-                " without parameters".to_string(),
-            )
+            (" without parameters".to_string(), " without parameters".to_string())
         } else {
             let list = keys.join(", ");
-            (
-                format!("({list})"),
-                format!(
-                    " with parameter{} {list}",
-                    if keys.len() > 1 { "s" } else { "" }
-                ),
-            )
+            (format!("({list})"), format!(" with parameter{} {list}", if keys.len() > 1 { "s" } else { "" }))
         };
-        let json_alternative = if *self.method == Method::POST {
-            " or with a single unnamed json/jsonb parameter"
-        } else {
-            ""
-        };
+        let json_alternative =
+            if *self.method == Method::POST { " or with a single unnamed json/jsonb parameter" } else { "" };
         let as_list = |mut names: Vec<&str>| {
             names.sort();
             format!("({})", names.join(", "))
         };
         let suggestion = if overloads.is_empty() {
-            fuzzy_best(
-                self.cache.routine_names(self.schema),
-                name,
-                self.state.profile.name_hint_min_score(),
-            )
+            fuzzy_best(self.cache.routine_names(self.schema), name, self.state.profile.name_hint_min_score())
         } else {
-            let lists: Vec<String> = overloads
-                .iter()
-                .map(|r| as_list(r.params.iter().map(|p| p.name.as_str()).collect()))
-                .collect();
-            fuzzy_best(
-                lists.iter().map(String::as_str),
-                &as_list(keys.clone()),
-                0.33,
-            )
-            .map(|l| format!("{name}{l}"))
+            let lists: Vec<String> =
+                overloads.iter().map(|r| as_list(r.params.iter().map(|p| p.name.as_str()).collect())).collect();
+            fuzzy_best(lists.iter().map(String::as_str), &as_list(keys.clone()), 0.33).map(|l| format!("{name}{l}"))
         };
         ApiError::new(404, "PGRST202", format!("Could not find the function {function}{message_params} in the schema cache"))
             .details(format!("Searched for the function {function}{detail_params}{json_alternative}, but no matches were found in the schema cache."))
@@ -590,46 +429,24 @@ impl Ctx<'_> {
     }
 
     /// One transaction: BEGIN (READ ONLY for reads), the statement, COMMIT. Failures roll back.
-    async fn run(
-        &self,
-        read_only: bool,
-        sql: &str,
-        params: &Params,
-    ) -> Result<(String, i64), ApiError> {
+    async fn run(&self, read_only: bool, sql: &str, params: &Params) -> Result<(String, i64), ApiError> {
         let mut pooled = self.state.pool.get().await.map_err(|e| match e {
-            PoolError::Connect(e) => ApiError::new(
-                503,
-                "PGRST000",
-                self.state.profile.connection_error_message(),
-            )
-            .details(e.to_string()),
-            PoolError::Timeout => ApiError::new(
-                504,
-                "PGRST003",
-                "Timed out acquiring connection from connection pool.",
-            ),
+            PoolError::Connect(e) => {
+                ApiError::new(503, "PGRST000", self.state.profile.connection_error_message()).details(e.to_string())
+            }
+            PoolError::Timeout => {
+                ApiError::new(504, "PGRST003", "Timed out acquiring connection from connection pool.")
+            }
         })?;
         let singular = self.wants_singular();
         let client = pooled.client();
-        let tx = client
-            .build_transaction()
-            .read_only(read_only)
-            .start()
-            .await
-            .map_err(db_error)?;
-        let row = tx
-            .query_one(sql, &params.as_refs())
-            .await
-            .map_err(db_error)?;
+        let tx = client.build_transaction().read_only(read_only).start().await.map_err(db_error)?;
+        let row = tx.query_one(sql, &params.as_refs()).await.map_err(db_error)?;
         let (body, count): (String, i64) = (row.get(0), row.get(1));
         if singular && count != 1 {
             let _ = tx.rollback().await;
-            return Err(ApiError::new(
-                406,
-                "PGRST116",
-                "Cannot coerce the result to a single JSON object",
-            )
-            .details(format!("The result contains {count} rows")));
+            return Err(ApiError::new(406, "PGRST116", "Cannot coerce the result to a single JSON object")
+                .details(format!("The result contains {count} rows")));
         }
         tx.commit().await.map_err(db_error)?;
         Ok((body, count))
@@ -642,32 +459,15 @@ impl Ctx<'_> {
             .is_some_and(|v| v.contains("application/vnd.pgrst.object"))
     }
 
-    fn rows_response(
-        &self,
-        status: StatusCode,
-        body: String,
-        count: i64,
-        offset: u64,
-        ranged: bool,
-    ) -> Reply {
+    fn rows_response(&self, status: StatusCode, body: String, count: i64, offset: u64, ranged: bool) -> Reply {
         let body = if self.wants_singular() {
-            serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get(0).cloned())
-                .unwrap_or(Value::Null)
-                .to_string()
+            serde_json::from_str::<Value>(&body).ok().and_then(|v| v.get(0).cloned()).unwrap_or(Value::Null).to_string()
         } else {
             body
         };
-        let range = if ranged {
-            content_range(count, offset)
-        } else {
-            "*/*".to_string()
-        };
+        let range = if ranged { content_range(count, offset) } else { "*/*".to_string() };
         let mut response = json_response(status, body);
-        response
-            .headers_mut()
-            .insert(header::CONTENT_RANGE, range.parse().expect("valid range"));
+        response.headers_mut().insert(header::CONTENT_RANGE, range.parse().expect("valid range"));
         Ok(response)
     }
 }
@@ -675,12 +475,9 @@ impl Ctx<'_> {
 fn db_error(e: tokio_postgres::Error) -> ApiError {
     match e.as_db_error() {
         Some(db) => ApiError::from_db(db),
-        None => ApiError::new(
-            503,
-            "PGRST001",
-            "Database client error. Retrying the connection.",
-        )
-        .details(e.to_string()),
+        None => {
+            ApiError::new(503, "PGRST001", "Database client error. Retrying the connection.").details(e.to_string())
+        }
     }
 }
 
@@ -724,18 +521,12 @@ fn parse_rows(body: &[u8]) -> Result<Vec<Map<String, Value>>, ApiError> {
 }
 
 fn select_schema(state: &State, method: &Method, headers: &HeaderMap) -> Result<String, ApiError> {
-    let header_name = if matches!(*method, Method::GET | Method::HEAD) {
-        "accept-profile"
-    } else {
-        "content-profile"
-    };
+    let header_name = if matches!(*method, Method::GET | Method::HEAD) { "accept-profile" } else { "content-profile" };
     match headers.get(header_name).and_then(|v| v.to_str().ok()) {
         None => Ok(state.schemas[0].clone()),
         Some(wanted) if state.schemas.iter().any(|s| s == wanted) => Ok(wanted.to_string()),
-        Some(wanted) => Err(
-            ApiError::new(406, "PGRST106", format!("Invalid schema: {wanted}"))
-                .hint(Some(state.profile.invalid_schema_hint(&state.schemas))),
-        ),
+        Some(wanted) => Err(ApiError::new(406, "PGRST106", format!("Invalid schema: {wanted}"))
+            .hint(Some(state.profile.invalid_schema_hint(&state.schemas)))),
     }
 }
 
@@ -755,21 +546,13 @@ struct Prefer {
 impl From<&HeaderMap> for Prefer {
     fn from(headers: &HeaderMap) -> Prefer {
         let mut prefer = Prefer::default();
-        for value in headers
-            .get_all("prefer")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-        {
+        for value in headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()) {
             for token in value.split(',').map(str::trim) {
                 match token {
                     "return=representation" => prefer.representation = true,
                     "missing=default" => prefer.missing_default = true,
-                    "resolution=merge-duplicates" => {
-                        prefer.resolution = Some(Resolution::MergeDuplicates)
-                    }
-                    "resolution=ignore-duplicates" => {
-                        prefer.resolution = Some(Resolution::IgnoreDuplicates)
-                    }
+                    "resolution=merge-duplicates" => prefer.resolution = Some(Resolution::MergeDuplicates),
+                    "resolution=ignore-duplicates" => prefer.resolution = Some(Resolution::IgnoreDuplicates),
                     _ => {}
                 }
             }
@@ -779,21 +562,15 @@ impl From<&HeaderMap> for Prefer {
 }
 
 fn cors_preflight(headers: &HeaderMap) -> Response<Full<Bytes>> {
-    let requested = headers
-        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let requested =
+        headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let mut allowed = "Authorization".to_string();
     if !requested.is_empty() {
         allowed = format!("{allowed}, {requested}");
     }
     Response::builder()
         .status(StatusCode::OK)
-        .header(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            "GET, POST, PATCH, PUT, DELETE, OPTIONS, HEAD",
-        )
+        .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, PATCH, PUT, DELETE, OPTIONS, HEAD")
         .header(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed)
         .header(header::ACCESS_CONTROL_MAX_AGE, "86400")
         .body(Full::new(Bytes::new()))
@@ -805,12 +582,7 @@ fn openapi(cache: &SchemaCache, schema: &str) -> Value {
         .table_names(schema)
         .into_iter()
         .map(|t| (format!("/{t}"), serde_json::json!({})))
-        .chain(
-            cache
-                .routine_names(schema)
-                .into_iter()
-                .map(|r| (format!("/rpc/{r}"), serde_json::json!({}))),
-        )
+        .chain(cache.routine_names(schema).into_iter().map(|r| (format!("/rpc/{r}"), serde_json::json!({}))))
         .collect();
     serde_json::json!({ "swagger": "2.0", "info": { "title": "PostgREST double" }, "paths": paths })
 }
@@ -834,9 +606,7 @@ pub fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(b) => {
                         out.push(b);

@@ -79,27 +79,15 @@ impl SchemaCache {
     }
 
     pub fn routines_named(&self, schema: &str, name: &str) -> &[Routine] {
-        self.routines
-            .get(&qualified(schema, name))
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.routines.get(&qualified(schema, name)).map(Vec::as_slice).unwrap_or(&[])
     }
 
     pub fn table_names(&self, schema: &str) -> Vec<&str> {
-        self.tables
-            .values()
-            .filter(|t| t.schema == schema)
-            .map(|t| t.name.as_str())
-            .collect()
+        self.tables.values().filter(|t| t.schema == schema).map(|t| t.name.as_str()).collect()
     }
 
     pub fn routine_names(&self, schema: &str) -> Vec<&str> {
-        self.routines
-            .values()
-            .flatten()
-            .filter(|r| r.schema == schema)
-            .map(|r| r.name.as_str())
-            .collect()
+        self.routines.values().flatten().filter(|r| r.schema == schema).map(|r| r.name.as_str()).collect()
     }
 
     pub fn summary(&self) -> String {
@@ -112,10 +100,7 @@ impl SchemaCache {
     }
 
     /// Runs the catalog queries in one READ ONLY transaction on `client`.
-    pub async fn load(
-        client: &mut Client,
-        schemas: &[String],
-    ) -> Result<SchemaCache, tokio_postgres::Error> {
+    pub async fn load(client: &mut Client, schemas: &[String]) -> Result<SchemaCache, tokio_postgres::Error> {
         let tx = client.build_transaction().read_only(true).start().await?;
         tx.batch_execute("set local schema ''").await?;
         let mut cache = SchemaCache::default();
@@ -136,16 +121,13 @@ impl SchemaCache {
             .await?;
         for row in rows {
             let (schema, name): (String, String) = (row.get(0), row.get(1));
-            let table = cache
-                .tables
-                .entry(qualified(&schema, &name))
-                .or_insert_with(|| Table {
-                    schema: schema.clone(),
-                    name: name.clone(),
-                    is_view: row.get(2),
-                    columns: Vec::new(),
-                    primary_key: Vec::new(),
-                });
+            let table = cache.tables.entry(qualified(&schema, &name)).or_insert_with(|| Table {
+                schema: schema.clone(),
+                name: name.clone(),
+                is_view: row.get(2),
+                columns: Vec::new(),
+                primary_key: Vec::new(),
+            });
             if let Some(column) = row.get::<_, Option<String>>(3) {
                 table.columns.push(Column {
                     name: column,
@@ -223,24 +205,16 @@ impl SchemaCache {
                 .into_iter()
                 .zip(types)
                 .enumerate()
-                .map(|(i, (name, data_type))| RoutineParam {
-                    name,
-                    data_type,
-                    has_default: i >= first_default,
-                })
+                .map(|(i, (name, data_type))| RoutineParam { name, data_type, has_default: i >= first_default })
                 .collect();
-            cache
-                .routines
-                .entry(qualified(&schema, &name))
-                .or_default()
-                .push(Routine {
-                    schema,
-                    name,
-                    params,
-                    returns_set: row.get(5),
-                    returns_composite: row.get(6),
-                    volatile: row.get(7),
-                });
+            cache.routines.entry(qualified(&schema, &name)).or_default().push(Routine {
+                schema,
+                name,
+                params,
+                returns_set: row.get(5),
+                returns_composite: row.get(6),
+                volatile: row.get(7),
+            });
         }
         tx.commit().await?;
         Ok(cache)
@@ -249,11 +223,7 @@ impl SchemaCache {
 
 /// FuzzySet-like best match (Data.FuzzySet with Levenshtein rescoring): the candidate with the
 /// highest `1 - distance / max_len`, when it reaches `min_score`.
-pub fn fuzzy_best<'a>(
-    candidates: impl IntoIterator<Item = &'a str>,
-    wanted: &str,
-    min_score: f64,
-) -> Option<String> {
+pub fn fuzzy_best<'a>(candidates: impl IntoIterator<Item = &'a str>, wanted: &str, min_score: f64) -> Option<String> {
     let wanted = wanted.to_lowercase();
     let mut best: Option<(f64, &str)> = None;
     for candidate in candidates {

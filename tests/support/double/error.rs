@@ -42,11 +42,7 @@ impl ApiError {
     }
 
     pub fn no_schema_cache() -> ApiError {
-        ApiError::new(
-            503,
-            "PGRST002",
-            "Could not query the database for the schema cache. Retrying.",
-        )
+        ApiError::new(503, "PGRST002", "Could not query the database for the schema cache. Retrying.")
     }
 
     pub fn query_param(message: impl Into<String>, details: impl Into<String>) -> ApiError {
@@ -98,11 +94,7 @@ pub fn status_for_sqlstate(code: &str, message: &str) -> u16 {
         "42P01" => 404,
         "42P17" => 500,
         "42501" => 401,
-        _ if starts("PT") => code[2..]
-            .parse()
-            .ok()
-            .filter(|s| (100..600).contains(s))
-            .unwrap_or(500),
+        _ if starts("PT") => code[2..].parse().ok().filter(|s| (100..600).contains(s)).unwrap_or(500),
         _ => 400,
     }
 }

@@ -98,10 +98,7 @@ impl PostgrestDouble {
             reload: ReloadState::default(),
             pool: Pool::new(&options.db_uri, options.pool_size),
         });
-        state
-            .reload
-            .load_delay_ms
-            .store(options.load_delay.as_millis() as u64, Ordering::Release);
+        state.reload.load_delay_ms.store(options.load_delay.as_millis() as u64, Ordering::Release);
         let api_listener = TcpListener::bind(("127.0.0.1", options.port)).await?;
         let admin_listener = TcpListener::bind(("127.0.0.1", options.admin_port)).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -113,26 +110,22 @@ impl PostgrestDouble {
         tasks.push(tokio::spawn(reload::run_loader(state.clone())));
         tasks.push(tokio::spawn(reload::run_listener(state.clone())));
         let api_state = state.clone();
-        tasks.push(tokio::spawn(serve(
-            api_listener,
-            shutdown_rx.clone(),
-            move |req| api::handle(api_state.clone(), req),
-        )));
+        tasks.push(tokio::spawn(serve(api_listener, shutdown_rx.clone(), move |req| {
+            api::handle(api_state.clone(), req)
+        })));
         let admin_state = state.clone();
-        tasks.push(tokio::spawn(serve(
-            admin_listener,
-            shutdown_rx,
-            move |req| admin::handle(admin_state.clone(), req),
-        )));
+        tasks
+            .push(tokio::spawn(serve(admin_listener, shutdown_rx, move |req| admin::handle(admin_state.clone(), req))));
         reload::trigger(&state);
         let _ = tokio::time::timeout(Duration::from_secs(30), first_load).await;
-        Ok(PostgrestDouble {
-            addr,
-            admin_addr,
-            state,
-            shutdown,
-            tasks,
-        })
+        // Tests send NOTIFYs right after start: they must not race the LISTEN.
+        let listening = async {
+            while !state.reload.listener_up.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(30), listening).await;
+        Ok(PostgrestDouble { addr, admin_addr, state, shutdown, tasks })
     }
 
     pub fn url(&self) -> String {
@@ -149,10 +142,7 @@ impl PostgrestDouble {
     }
 
     pub fn set_load_delay(&self, delay: Duration) {
-        self.state
-            .reload
-            .load_delay_ms
-            .store(delay.as_millis() as u64, Ordering::Release);
+        self.state.reload.load_delay_ms.store(delay.as_millis() as u64, Ordering::Release);
     }
 
     pub fn successful_loads(&self) -> u64 {
@@ -164,10 +154,7 @@ impl PostgrestDouble {
     }
 
     pub fn reload_messages_received(&self) -> u64 {
-        self.state
-            .reload
-            .notifications_received
-            .load(Ordering::Acquire)
+        self.state.reload.notifications_received.load(Ordering::Acquire)
     }
 
     pub fn is_listening(&self) -> bool {
@@ -200,9 +187,7 @@ impl Drop for PostgrestDouble {
 async fn serve<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
 where
     F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
-        + Send
-        + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
 {
     let mut connections = tokio::task::JoinSet::new();
     loop {

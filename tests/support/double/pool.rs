@@ -44,13 +44,10 @@ impl Pool {
     }
 
     pub async fn get(&self) -> Result<PooledClient<'_>, PoolError> {
-        let permit = tokio::time::timeout(
-            self.acquisition_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| PoolError::Timeout)?
-        .expect("pool semaphore never closes");
+        let permit = tokio::time::timeout(self.acquisition_timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| PoolError::Timeout)?
+            .expect("pool semaphore never closes");
         let generation = self.generation.load(Ordering::Acquire);
         let reused = {
             let mut idle = self.idle.lock().unwrap();
@@ -67,12 +64,7 @@ impl Pool {
             Some(c) => c,
             None => self.connect().await.map_err(PoolError::Connect)?,
         };
-        Ok(PooledClient {
-            pool: self,
-            generation,
-            client: Some(client),
-            _permit: permit,
-        })
+        Ok(PooledClient { pool: self, generation, client: Some(client), _permit: permit })
     }
 
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
@@ -101,14 +93,8 @@ impl PooledClient<'_> {
 impl Drop for PooledClient<'_> {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
-            if !client.is_closed()
-                && self.generation == self.pool.generation.load(Ordering::Acquire)
-            {
-                self.pool
-                    .idle
-                    .lock()
-                    .unwrap()
-                    .push((self.generation, client));
+            if !client.is_closed() && self.generation == self.pool.generation.load(Ordering::Acquire) {
+                self.pool.idle.lock().unwrap().push((self.generation, client));
             }
         }
     }

@@ -86,14 +86,8 @@ impl Profile {
     /// Invalid schema hint wording changed in v13.0.7 (#4089).
     pub fn invalid_schema_hint(self, schemas: &[String]) -> String {
         match self {
-            Profile::V14 | Profile::V13 => format!(
-                "Only the following schemas are exposed: {}",
-                schemas.join(", ")
-            ),
-            _ => format!(
-                "The schema must be one of the following: {}",
-                schemas.join(", ")
-            ),
+            Profile::V14 | Profile::V13 => format!("Only the following schemas are exposed: {}", schemas.join(", ")),
+            _ => format!("The schema must be one of the following: {}", schemas.join(", ")),
         }
     }
 }
@@ -108,9 +102,7 @@ impl FromStr for Profile {
             "v12.2" => Ok(Profile::V12_2),
             "v12.0" => Ok(Profile::V12_0),
             "v11.0" => Ok(Profile::V11_0),
-            other => Err(format!(
-                "unknown profile {other:?}: use v14, v13, v12.2, v12.0 or v11.0"
-            )),
+            other => Err(format!("unknown profile {other:?}: use v14, v13, v12.2, v12.0 or v11.0")),
         }
     }
 }

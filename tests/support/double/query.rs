@@ -15,11 +15,7 @@ use super::error::ApiError;
 pub struct Literal(pub String);
 
 impl ToSql for Literal {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
         out.extend_from_slice(self.0.as_bytes());
         Ok(IsNull::No)
     }
@@ -65,23 +61,12 @@ impl Params {
 #[derive(Debug, Clone)]
 pub enum SelectItem {
     Star,
-    Column {
-        name: String,
-        alias: Option<String>,
-    },
-    Embed {
-        target: String,
-        alias: Option<String>,
-        hint: Option<String>,
-        items: Vec<SelectItem>,
-    },
+    Column { name: String, alias: Option<String> },
+    Embed { target: String, alias: Option<String>, hint: Option<String>, items: Vec<SelectItem> },
 }
 
 pub fn parse_select(text: &str) -> Result<Vec<SelectItem>, ApiError> {
-    split_top_level(text)
-        .into_iter()
-        .map(|raw| parse_select_item(raw.trim(), text))
-        .collect()
+    split_top_level(text).into_iter().map(|raw| parse_select_item(raw.trim(), text)).collect()
 }
 
 fn parse_select_item(raw: &str, whole: &str) -> Result<SelectItem, ApiError> {
@@ -95,9 +80,7 @@ fn parse_select_item(raw: &str, whole: &str) -> Result<SelectItem, ApiError> {
         return Err(parse_error());
     }
     let (alias, rest) = match raw.split_once(':') {
-        Some((a, r)) if !a.contains('(') && !r.starts_with(':') => {
-            (Some(a.trim().to_string()), r.trim())
-        }
+        Some((a, r)) if !a.contains('(') && !r.starts_with(':') => (Some(a.trim().to_string()), r.trim()),
         _ => (None, raw),
     };
     if let Some(open) = rest.find('(') {
@@ -110,17 +93,8 @@ fn parse_select_item(raw: &str, whole: &str) -> Result<SelectItem, ApiError> {
             Some((t, h)) => (t.to_string(), Some(h.to_string())),
             None => (head.to_string(), None),
         };
-        let items = if inner.trim().is_empty() {
-            vec![SelectItem::Star]
-        } else {
-            parse_select(inner)?
-        };
-        return Ok(SelectItem::Embed {
-            target,
-            alias,
-            hint,
-            items,
-        });
+        let items = if inner.trim().is_empty() { vec![SelectItem::Star] } else { parse_select(inner)? };
+        return Ok(SelectItem::Embed { target, alias, hint, items });
     }
     if rest == "*" {
         return Ok(SelectItem::Star);
@@ -128,17 +102,11 @@ fn parse_select_item(raw: &str, whole: &str) -> Result<SelectItem, ApiError> {
     if rest.contains("::") || rest.contains("->") || !valid_name(rest) {
         return Err(parse_error());
     }
-    Ok(SelectItem::Column {
-        name: rest.to_string(),
-        alias,
-    })
+    Ok(SelectItem::Column { name: rest.to_string(), alias })
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '$' || c == ' ' || c == '-')
+    !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$' || c == ' ' || c == '-')
 }
 
 /// Splits on commas that are not inside parentheses or double quotes.
@@ -181,41 +149,24 @@ pub fn select_list(
                     None => column,
                 });
             }
-            SelectItem::Embed {
-                target,
-                alias,
-                hint,
-                items,
-            } => {
-                let relationship =
-                    resolve_relationship(cache, schema, table, target, hint.as_deref())?;
+            SelectItem::Embed { target, alias, hint, items } => {
+                let relationship = resolve_relationship(cache, schema, table, target, hint.as_deref())?;
                 *depth += 1;
                 let inner_alias = format!("pgrst_{depth}");
                 let (target_schema, target_table) = relationship.target_table();
-                let inner_list = select_list(
-                    cache,
-                    target_schema,
-                    target_table,
-                    &inner_alias,
-                    items,
-                    depth,
-                )?;
+                let inner_list = select_list(cache, target_schema, target_table, &inner_alias, items, depth)?;
                 let fk = relationship.foreign_key();
                 let join: Vec<String> = fk
                     .columns
                     .iter()
                     .zip(&fk.foreign_columns)
                     .map(|(own, foreign)| match relationship {
-                        Relationship::ManyToOne(_) => format!(
-                            "{inner_alias}.{} = {qualifier}.{}",
-                            ident(foreign),
-                            ident(own)
-                        ),
-                        Relationship::OneToMany(_) => format!(
-                            "{inner_alias}.{} = {qualifier}.{}",
-                            ident(own),
-                            ident(foreign)
-                        ),
+                        Relationship::ManyToOne(_) => {
+                            format!("{inner_alias}.{} = {qualifier}.{}", ident(foreign), ident(own))
+                        }
+                        Relationship::OneToMany(_) => {
+                            format!("{inner_alias}.{} = {qualifier}.{}", ident(own), ident(foreign))
+                        }
                     })
                     .collect();
                 let from = format!(
@@ -225,7 +176,9 @@ pub fn select_list(
                 );
                 let name = ident(alias.as_deref().unwrap_or(target));
                 out.push(match relationship {
-                    Relationship::ManyToOne(_) => format!("(SELECT row_to_json(pgrst_row) FROM ({from}) pgrst_row) AS {name}"),
+                    Relationship::ManyToOne(_) => {
+                        format!("(SELECT row_to_json(pgrst_row) FROM ({from}) pgrst_row) AS {name}")
+                    }
                     Relationship::OneToMany(_) => {
                         format!("COALESCE((SELECT json_agg(pgrst_row) FROM ({from}) pgrst_row), '[]') AS {name}")
                     }
@@ -249,9 +202,7 @@ fn resolve_relationship<'a>(
         .filter(|r| r.target_table() == (schema, target))
         .filter(|r| match hint {
             None => true,
-            Some(h) => {
-                r.foreign_key().constraint == h || r.foreign_key().columns.iter().any(|c| c == h)
-            }
+            Some(h) => r.foreign_key().constraint == h || r.foreign_key().columns.iter().any(|c| c == h),
         })
         .collect();
     match candidates.len() {
@@ -261,32 +212,17 @@ fn resolve_relationship<'a>(
     }
 }
 
-fn no_relationship(
-    cache: &SchemaCache,
-    schema: &str,
-    parent: &str,
-    child: &str,
-    hint: Option<&str>,
-) -> ApiError {
-    let using = hint
-        .map(|h| format!("' using the hint '{h}"))
-        .unwrap_or_default();
+fn no_relationship(cache: &SchemaCache, schema: &str, parent: &str, child: &str, hint: Option<&str>) -> ApiError {
+    let using = hint.map(|h| format!("' using the hint '{h}")).unwrap_or_default();
     let parent_relationships = cache.relationships_of(schema, parent);
     let suggestion = if parent_relationships.is_empty() {
         fuzzy_best(cache.tables_with_relationships(schema), parent, 0.33)
             .map(|p| format!("Perhaps you meant '{p}' instead of '{parent}'."))
     } else {
-        let children: Vec<&str> = parent_relationships
-            .iter()
-            .map(|r| r.target_table().1)
-            .collect();
-        fuzzy_best(
-            children.iter().copied().filter(|c| *c != child),
-            child,
-            0.33,
-        )
-        .filter(|_| !children.contains(&child))
-        .map(|c| format!("Perhaps you meant '{c}' instead of '{child}'."))
+        let children: Vec<&str> = parent_relationships.iter().map(|r| r.target_table().1).collect();
+        fuzzy_best(children.iter().copied().filter(|c| *c != child), child, 0.33)
+            .filter(|_| !children.contains(&child))
+            .map(|c| format!("Perhaps you meant '{c}' instead of '{child}'."))
     };
     ApiError::new(400, "PGRST200", format!("Could not find a relationship between '{parent}' and '{child}' in the schema cache"))
         .details(format!(
@@ -299,20 +235,12 @@ fn ambiguous_relationship(parent: &str, child: &str, candidates: &[Relationship]
     let describe = |r: &Relationship| {
         let fk = r.foreign_key();
         let (cardinality, from, to, from_cols, to_cols) = match r {
-            Relationship::ManyToOne(_) => (
-                "many-to-one",
-                &fk.table,
-                &fk.foreign_table,
-                &fk.columns,
-                &fk.foreign_columns,
-            ),
-            Relationship::OneToMany(_) => (
-                "one-to-many",
-                &fk.foreign_table,
-                &fk.table,
-                &fk.foreign_columns,
-                &fk.columns,
-            ),
+            Relationship::ManyToOne(_) => {
+                ("many-to-one", &fk.table, &fk.foreign_table, &fk.columns, &fk.foreign_columns)
+            }
+            Relationship::OneToMany(_) => {
+                ("one-to-many", &fk.foreign_table, &fk.table, &fk.foreign_columns, &fk.columns)
+            }
         };
         serde_json::json!({
             "cardinality": cardinality,
@@ -320,34 +248,25 @@ fn ambiguous_relationship(parent: &str, child: &str, candidates: &[Relationship]
             "relationship": format!("{} using {from}({}) and {to}({})", fk.constraint, from_cols.join(", "), to_cols.join(", ")),
         })
     };
-    let hints: Vec<String> = candidates
-        .iter()
-        .map(|r| format!("'{child}!{}'", r.foreign_key().constraint))
-        .collect();
-    let mut error = ApiError::new(300, "PGRST201", format!("Could not embed because more than one relationship was found for '{parent}' and '{child}'"))
-        .hint(Some(format!("Try changing '{child}' to one of the following: {}. Find the desired relationship in the 'details' key.", hints.join(", "))));
-    error.details = Some(serde_json::Value::Array(
-        candidates.iter().map(describe).collect(),
-    ));
+    let hints: Vec<String> = candidates.iter().map(|r| format!("'{child}!{}'", r.foreign_key().constraint)).collect();
+    let mut error = ApiError::new(
+        300,
+        "PGRST201",
+        format!("Could not embed because more than one relationship was found for '{parent}' and '{child}'"),
+    )
+    .hint(Some(format!(
+        "Try changing '{child}' to one of the following: {}. Find the desired relationship in the 'details' key.",
+        hints.join(", ")
+    )));
+    error.details = Some(serde_json::Value::Array(candidates.iter().map(describe).collect()));
     error
 }
 
 /// Query-string keys that are not filters.
-pub const RESERVED_KEYS: &[&str] = &[
-    "select",
-    "order",
-    "limit",
-    "offset",
-    "columns",
-    "on_conflict",
-];
+pub const RESERVED_KEYS: &[&str] = &["select", "order", "limit", "offset", "columns", "on_conflict"];
 
 /// `col=op.value` and `col=not.op.value` filters, ANDed.
-pub fn filters(
-    qualifier: &str,
-    query: &[(String, String)],
-    params: &mut Params,
-) -> Result<Vec<String>, ApiError> {
+pub fn filters(qualifier: &str, query: &[(String, String)], params: &mut Params) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
     for (key, value) in query {
         if RESERVED_KEYS.contains(&key.as_str()) {
@@ -362,12 +281,7 @@ pub fn filters(
     Ok(out)
 }
 
-fn filter(
-    qualifier: &str,
-    column: &str,
-    value: &str,
-    params: &mut Params,
-) -> Result<String, ApiError> {
+fn filter(qualifier: &str, column: &str, value: &str, params: &mut Params) -> Result<String, ApiError> {
     let parse_error = |what: &str| {
         ApiError::query_param(
             format!("\"failed to parse filter ({value})\" (line 1, column 1)"),
@@ -394,28 +308,17 @@ fn filter(
         }
         "like" | "ilike" => {
             let sql_op = if operator == "like" { "LIKE" } else { "ILIKE" };
-            format!(
-                "{column_sql} {sql_op} {}",
-                params.push(operand.replace('*', "%"))
-            )
+            format!("{column_sql} {sql_op} {}", params.push(operand.replace('*', "%")))
         }
         "in" => {
-            let list = operand
-                .strip_prefix('(')
-                .and_then(|s| s.strip_suffix(')'))
-                .ok_or_else(|| parse_error(operand))?;
+            let list =
+                operand.strip_prefix('(').and_then(|s| s.strip_suffix(')')).ok_or_else(|| parse_error(operand))?;
             let items: Vec<String> = if list.is_empty() {
                 Vec::new()
             } else {
-                split_top_level(list)
-                    .into_iter()
-                    .map(|i| array_element(i.trim()))
-                    .collect()
+                split_top_level(list).into_iter().map(|i| array_element(i.trim())).collect()
             };
-            format!(
-                "{column_sql} = ANY ({})",
-                params.push(format!("{{{}}}", items.join(",")))
-            )
+            format!("{column_sql} = ANY ({})", params.push(format!("{{{}}}", items.join(","))))
         }
         "is" => {
             let keyword = match operand.to_ascii_lowercase().as_str() {
@@ -430,23 +333,13 @@ fn filter(
         }
         other => return Err(parse_error(other)),
     };
-    Ok(if negated {
-        format!("NOT {condition}")
-    } else {
-        condition
-    })
+    Ok(if negated { format!("NOT {condition}") } else { condition })
 }
 
 /// One element of a PostgreSQL array literal, always double-quoted.
 fn array_element(item: &str) -> String {
-    let unquoted = item
-        .strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(item);
-    format!(
-        "\"{}\"",
-        unquoted.replace('\\', "\\\\").replace('"', "\\\"")
-    )
+    let unquoted = item.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(item);
+    format!("\"{}\"", unquoted.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 pub fn order_by(qualifier: &str, query: &[(String, String)]) -> Result<String, ApiError> {
@@ -473,7 +366,9 @@ pub fn order_by(qualifier: &str, query: &[(String, String)]) -> Result<String, A
                 _ => {
                     return Err(ApiError::query_param(
                         format!("\"failed to parse order ({order})\" (line 1, column 1)"),
-                        format!("unexpected \"{modifier}\" expecting \"asc\", \"desc\", \"nullsfirst\" or \"nullslast\""),
+                        format!(
+                            "unexpected \"{modifier}\" expecting \"asc\", \"desc\", \"nullsfirst\" or \"nullslast\""
+                        ),
                     ))
                 }
             });
@@ -510,6 +405,5 @@ pub fn table_hint(
     if limit.is_some_and(|l| names.len() >= l) {
         return None;
     }
-    fuzzy_best(names, table, min_score)
-        .map(|t| format!("Perhaps you meant the table '{}'", qualified(schema, &t)))
+    fuzzy_best(names, table, min_score).map(|t| format!("Perhaps you meant the table '{}'", qualified(schema, &t)))
 }

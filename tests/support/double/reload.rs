@@ -92,20 +92,15 @@ async fn load_until_success(state: &State) {
 
 async fn load_once(state: &State) -> Result<SchemaCache, String> {
     let mut client = state.pool.connect().await.map_err(|e| e.to_string())?;
-    let loaded = SchemaCache::load(&mut client, &state.schemas)
-        .await
-        .map_err(|e| e.to_string());
+    let loaded = SchemaCache::load(&mut client, &state.schemas).await.map_err(|e| e.to_string());
     let delay = state.reload.load_delay_ms.load(Ordering::Acquire);
     if delay > 0 {
         // Imitates the catalog queries of a big schema: the snapshot was taken when the load began,
         // and the old cache keeps serving until the swap.
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let should_fail = state
-        .reload
-        .fail_next
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok();
+    let should_fail =
+        state.reload.fail_next.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok();
     if should_fail {
         return Err("canceling statement due to statement timeout (injected)".to_string());
     }
@@ -122,8 +117,7 @@ pub async fn run_listener(state: Arc<State>) {
             Ok((client, mut connection)) => {
                 let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(message) = messages.next().await {
                         if tx.send(message).is_err() {
                             break;
@@ -133,10 +127,7 @@ pub async fn run_listener(state: Arc<State>) {
                 let listen = format!("LISTEN {}", quote_ident(&state.channel));
                 if client.batch_execute(&listen).await.is_ok() {
                     state.reload.listener_up.store(true, Ordering::Release);
-                    tracing::info!(
-                        "Listening for notifications on the {:?} channel",
-                        state.channel
-                    );
+                    tracing::info!("Listening for notifications on the {:?} channel", state.channel);
                     if had_failure {
                         trigger(&state);
                     }
@@ -170,20 +161,11 @@ pub async fn run_listener(state: Arc<State>) {
 fn handle_payload(state: &State, payload: &str) {
     match payload {
         "" | "reload schema" => {
-            state
-                .reload
-                .notifications_received
-                .fetch_add(1, Ordering::AcqRel);
-            tracing::info!(
-                "Received a schema cache reload message on the {:?} channel",
-                state.channel
-            );
+            state.reload.notifications_received.fetch_add(1, Ordering::AcqRel);
+            tracing::info!("Received a schema cache reload message on the {:?} channel", state.channel);
             trigger(state);
         }
-        "reload config" => tracing::info!(
-            "Received a config reload message on the {:?} channel",
-            state.channel
-        ),
+        "reload config" => tracing::info!("Received a config reload message on the {:?} channel", state.channel),
         _ => {}
     }
 }
