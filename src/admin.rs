@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use crate::body::{full, GuardBody};
+use crate::body::{full, GuardBody, RequestBody};
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
 use crate::reload::Notifier;
@@ -21,7 +20,7 @@ pub struct AdminState {
     pub upstream: UpstreamUrl,
 }
 
-pub async fn handle(state: AdminState, request: Request<Incoming>) -> Result<Response<GuardBody>, Infallible> {
+pub async fn handle(state: AdminState, request: Request<RequestBody>) -> Result<Response<GuardBody>, Infallible> {
     let (status, content_type, body) = match request.uri().path() {
         "/healthz" => (StatusCode::OK, "application/json", r#"{"status":"alive"}"#.to_string()),
         "/readyz" => {

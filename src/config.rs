@@ -120,6 +120,36 @@ pub const KEYS: &[Key] = &[
         default: Some("60000"),
         help: "time for the upstream to start answering; past it the client gets 504",
     },
+    Key {
+        env: "PGRST_GUARD_HEADER_READ_TIMEOUT_MS",
+        toml: "header_read_timeout_ms",
+        default: Some("30000"),
+        help: "time a client has to send its request head; then 408",
+    },
+    Key {
+        env: "PGRST_GUARD_MAX_CONNECTIONS",
+        toml: "max_connections",
+        default: Some("10000"),
+        help: "open client connections at most; one more gets 503",
+    },
+    Key {
+        env: "PGRST_GUARD_MAX_HEADER_BYTES",
+        toml: "max_header_bytes",
+        default: Some("32768"),
+        help: "largest request head (URI and headers); larger gets 431",
+    },
+    Key {
+        env: "PGRST_GUARD_MAX_BODY_BYTES",
+        toml: "max_body_bytes",
+        default: Some("0"),
+        help: "largest request body; larger gets 413 (0: no limit)",
+    },
+    Key {
+        env: "PGRST_GUARD_SHUTDOWN_TIMEOUT_MS",
+        toml: "shutdown_timeout_ms",
+        default: Some("30000"),
+        help: "after SIGTERM/SIGINT, how long open requests and heals get to finish",
+    },
     Key { env: "PGRST_GUARD_LOG_FORMAT", toml: "log_format", default: Some("text"), help: "log format: text or json" },
     Key {
         env: "PGRST_GUARD_LOG_LEVEL",
@@ -233,6 +263,12 @@ pub struct Config {
     pub reload_min_interval: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    /// None: no limit.
+    pub max_body_bytes: Option<u64>,
+    pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -367,6 +403,17 @@ impl Config {
             reload_min_interval: Duration::from_millis(number("PGRST_GUARD_RELOAD_MIN_INTERVAL_MS")?),
             upstream_connect_timeout: millis("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")?,
             upstream_timeout: millis("PGRST_GUARD_UPSTREAM_TIMEOUT_MS")?,
+            header_read_timeout: millis("PGRST_GUARD_HEADER_READ_TIMEOUT_MS")?,
+            max_connections: match number("PGRST_GUARD_MAX_CONNECTIONS")? {
+                0 => return Err(error("PGRST_GUARD_MAX_CONNECTIONS", "must be greater than 0")),
+                n => n as usize,
+            },
+            max_header_bytes: match number("PGRST_GUARD_MAX_HEADER_BYTES")? {
+                n if n < 1024 => return Err(error("PGRST_GUARD_MAX_HEADER_BYTES", "must be at least 1024")),
+                n => n as usize,
+            },
+            max_body_bytes: Some(number("PGRST_GUARD_MAX_BODY_BYTES")?).filter(|n| *n > 0),
+            shutdown_timeout: millis("PGRST_GUARD_SHUTDOWN_TIMEOUT_MS")?,
             log_format,
             log_level,
         })

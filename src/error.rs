@@ -17,6 +17,14 @@ pub enum GuardErrorKind {
     UpstreamTimeout,
     /// The request could not be read or forwarded as sent: 400.
     MalformedRequest,
+    /// The client did not send its request head in time: 408.
+    HeaderTimeout,
+    /// More connections than `PGRST_GUARD_MAX_CONNECTIONS`: 503.
+    TooManyConnections,
+    /// Request head over `PGRST_GUARD_MAX_HEADER_BYTES`: 431.
+    HeadersTooLarge,
+    /// Request body over `PGRST_GUARD_MAX_BODY_BYTES`: 413.
+    BodyTooLarge,
 }
 
 #[derive(Debug)]
@@ -57,7 +65,52 @@ impl GuardError {
             GuardErrorKind::MalformedRequest => {
                 (StatusCode::BAD_REQUEST, "PGRSTG03", "Malformed request.", None, "http_request_error")
             }
+            GuardErrorKind::HeaderTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "PGRSTG04",
+                "The request head did not arrive in time.",
+                Some("Send the whole request head within PGRST_GUARD_HEADER_READ_TIMEOUT_MS."),
+                "http_request_error",
+            ),
+            GuardErrorKind::TooManyConnections => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PGRSTG05",
+                "Too many connections.",
+                Some("Retry later, or raise PGRST_GUARD_MAX_CONNECTIONS."),
+                "connection_limit_reached",
+            ),
+            GuardErrorKind::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "PGRSTG06",
+                "Request headers are too large.",
+                Some("Send smaller headers, or raise PGRST_GUARD_MAX_HEADER_BYTES."),
+                "http_request_error",
+            ),
+            GuardErrorKind::BodyTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PGRSTG07",
+                "Request body is too large.",
+                Some("Send a smaller body, or raise PGRST_GUARD_MAX_BODY_BYTES."),
+                "http_request_error",
+            ),
         }
+    }
+
+    /// The whole answer as HTTP/1.1 bytes, for a connection hyper no longer serves (a client too
+    /// slow to send its request head). It closes the connection.
+    pub fn to_http1_bytes(&self) -> Vec<u8> {
+        let (status, code, message, hint, _) = self.parts();
+        let body = serde_json::to_vec(&ErrorBody { code, details: &self.details, hint, message })
+            .expect("error body serializes");
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
     }
 
     /// The answer for the client. `request_headers` decide the CORS headers.

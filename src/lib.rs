@@ -27,9 +27,8 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper::body::Incoming;
+use body::RequestBody;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::Layer;
@@ -39,10 +38,8 @@ use heal::replay_body::ReplayBody;
 use heal::{HealLayer, HealPolicy};
 use metrics::Metrics;
 use reload::{CatalogCheck, LoadCounter, Notifier, ReloadCoordinator, WaitSettings};
+use server::ServerLimits;
 use upstream::Forwarder;
-
-/// How long in-flight requests and heals get to finish after a shutdown signal.
-pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
 /// A started guard: its bound addresses and a handle to stop it.
 pub struct RunningGuard {
@@ -76,7 +73,7 @@ impl RunningGuard {
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
         let service = HealLayer::new(coordinator, policy, metrics.clone(), catalog)
-            .layer(Forwarder::<ReplayBody<Incoming>>::new(&config));
+            .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config));
 
         let listener = server::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -86,7 +83,13 @@ impl RunningGuard {
             service,
             Some(metrics.clone()),
             signalled(shutdown_rx.clone()),
-            SHUTDOWN_DRAIN,
+            ServerLimits {
+                header_read_timeout: config.header_read_timeout,
+                max_connections: config.max_connections,
+                max_header_bytes: config.max_header_bytes,
+                max_body_bytes: config.max_body_bytes,
+                drain: config.shutdown_timeout,
+            },
         ))];
         let mut admin_addr = None;
         if let Some(admin_listen) = config.admin_listen {
@@ -103,7 +106,7 @@ impl RunningGuard {
                 admin_service,
                 None,
                 signalled(shutdown_rx),
-                Duration::from_secs(1),
+                ServerLimits::admin(),
             )));
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.as_ref().map(ToString::to_string), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");

@@ -1,86 +1,42 @@
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Arg, ArgMatches, Command};
 use pgrst_guard::config::{self, Config, RawConfig, KEYS};
 use pgrst_guard::RunningGuard;
 
-/// Flags mirror the PGRST_GUARD_* keys; a flag wins over the environment, which wins over the file.
-#[derive(Parser)]
-#[command(name = "pgrst-guard", version, about = "A reverse proxy for PostgREST that heals stale schema caches: reload, wait, replay once.", after_help = keys_help())]
-struct Cli {
-    /// TOML configuration file (also PGRST_GUARD_CONFIG)
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    #[arg(long, value_name = "HOST:PORT", help = "PGRST_GUARD_LISTEN")]
-    listen: Option<String>,
-    #[arg(long, value_name = "URL", help = "PGRST_GUARD_UPSTREAM")]
-    upstream: Option<String>,
-    #[arg(long, value_name = "URI", help = "PGRST_GUARD_DB_URI")]
-    db_uri: Option<String>,
-    #[arg(long, value_name = "NAME", help = "PGRST_GUARD_DB_CHANNEL")]
-    db_channel: Option<String>,
-    #[arg(long, value_name = "URL", help = "PGRST_GUARD_UPSTREAM_ADMIN")]
-    upstream_admin: Option<String>,
-    #[arg(long, value_name = "HOST:PORT", help = "PGRST_GUARD_ADMIN_LISTEN")]
-    admin_listen: Option<String>,
-    #[arg(long, value_name = "MS", help = "PGRST_GUARD_HEAL_DEADLINE_MS")]
-    heal_deadline_ms: Option<String>,
-    #[arg(long, value_name = "BYTES", help = "PGRST_GUARD_REPLAY_BODY_LIMIT")]
-    replay_body_limit: Option<String>,
-    #[arg(long, value_name = "MS", help = "PGRST_GUARD_RETRY_BACKOFF_MS")]
-    retry_backoff_ms: Option<String>,
-    #[arg(long, value_name = "MS", help = "PGRST_GUARD_ADMIN_POLL_MS")]
-    admin_poll_ms: Option<String>,
-    #[arg(long, value_name = "MS", help = "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")]
-    upstream_connect_timeout_ms: Option<String>,
-    #[arg(long, value_name = "MS", help = "PGRST_GUARD_UPSTREAM_TIMEOUT_MS")]
-    upstream_timeout_ms: Option<String>,
-    #[arg(long, value_name = "text|json", help = "PGRST_GUARD_LOG_FORMAT")]
-    log_format: Option<String>,
-    #[arg(long, value_name = "FILTER", help = "PGRST_GUARD_LOG_LEVEL")]
-    log_level: Option<String>,
-}
-
-impl Cli {
-    fn flags(&self) -> RawConfig {
-        let pairs = [
-            ("PGRST_GUARD_LISTEN", &self.listen),
-            ("PGRST_GUARD_UPSTREAM", &self.upstream),
-            ("PGRST_GUARD_DB_URI", &self.db_uri),
-            ("PGRST_GUARD_DB_CHANNEL", &self.db_channel),
-            ("PGRST_GUARD_UPSTREAM_ADMIN", &self.upstream_admin),
-            ("PGRST_GUARD_ADMIN_LISTEN", &self.admin_listen),
-            ("PGRST_GUARD_HEAL_DEADLINE_MS", &self.heal_deadline_ms),
-            ("PGRST_GUARD_REPLAY_BODY_LIMIT", &self.replay_body_limit),
-            ("PGRST_GUARD_RETRY_BACKOFF_MS", &self.retry_backoff_ms),
-            ("PGRST_GUARD_ADMIN_POLL_MS", &self.admin_poll_ms),
-            ("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS", &self.upstream_connect_timeout_ms),
-            ("PGRST_GUARD_UPSTREAM_TIMEOUT_MS", &self.upstream_timeout_ms),
-            ("PGRST_GUARD_LOG_FORMAT", &self.log_format),
-            ("PGRST_GUARD_LOG_LEVEL", &self.log_level),
-        ];
-        pairs.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v))).collect()
-    }
-}
-
-fn keys_help() -> String {
-    let mut text = String::from("Configuration keys (environment name, TOML key, default):\n");
+/// One flag per configuration key (`--db-uri` for `PGRST_GUARD_DB_URI`), built from the same list
+/// that `--help`, the TOML file and the environment use, so the four cannot drift apart.
+fn cli() -> Command {
+    let mut command = Command::new("pgrst-guard")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("A reverse proxy for PostgREST that heals stale schema caches: reload, wait, replay once.")
+        .after_help("A flag wins over the environment variable, which wins over the TOML file.")
+        .arg(Arg::new("config").long("config").value_name("PATH").help("TOML configuration file [PGRST_GUARD_CONFIG]"));
     for key in KEYS {
-        text.push_str(&format!(
-            "  {:<40} {:<28} {}\n      {}\n",
-            key.env,
-            key.toml,
-            key.default.unwrap_or("-"),
-            key.help
-        ));
+        let default = key.default.map(|d| format!(" (default: {d})")).unwrap_or_default();
+        command = command.arg(
+            Arg::new(key.toml)
+                .long(key.toml.replace('_', "-"))
+                .value_name("VALUE")
+                .help(format!("{}{default} [{}]", key.help, key.env)),
+        );
     }
-    text
+    command
+}
+
+fn flags(matches: &ArgMatches) -> RawConfig {
+    KEYS.iter()
+        .filter_map(|key| matches.get_one::<String>(key.toml).map(|value| (key.env.to_string(), value.clone())))
+        .collect()
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let config_file = cli.config.clone().or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
-    let config = match Config::load(config_file.as_deref(), config::raw_from_env(std::env::vars()), cli.flags()) {
+    let matches = cli().get_matches();
+    let config_file = matches
+        .get_one::<String>("config")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
+    let config = match Config::load(config_file.as_deref(), config::raw_from_env(std::env::vars()), flags(&matches)) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pgrst-guard: {e}");

@@ -1,41 +1,76 @@
 //! Listeners and connections: HTTP/1.1 and HTTP/2 (h2c) from clients, the client address put on
-//! each request, and graceful shutdown (stop accepting, let requests and heals finish).
+//! each request, the connection and request limits, and graceful shutdown (stop accepting, let
+//! requests and heals finish).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-use crate::body::GuardBody;
+use crate::body::{GuardBody, RequestBody};
+use crate::error::{GuardError, GuardErrorKind};
 use crate::metrics::Metrics;
 use crate::upstream::ClientAddr;
 
-/// Serves `service` on `listener` until `shutdown` resolves, then waits up to `drain` for open
-/// requests to finish.
+/// What one client may hold and send.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: Option<u64>,
+    /// How long open requests get to finish after the shutdown signal.
+    pub drain: Duration,
+}
+
+impl ServerLimits {
+    /// Generous limits for the admin listener.
+    pub fn admin() -> ServerLimits {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: Some(0),
+            drain: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves, then waits up to `limits.drain` for
+/// open requests to finish.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     metrics: Option<Arc<Metrics>>,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
+    limits: ServerLimits,
 ) where
-    S: Service<Request<Incoming>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size((limits.max_header_bytes + 16 * 1024).max(64 * 1024))
+        .max_headers(1000);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32 + 16 * 1024);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -51,33 +86,118 @@ pub async fn serve<S>(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        let metrics = metrics.clone();
-        let per_request = service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
-            let service = service.clone();
-            let metrics = metrics.clone();
-            async move {
-                let started = Instant::now();
-                let response = service.oneshot(request).await?;
-                if let Some(metrics) = metrics {
-                    metrics.response(response.status().as_u16(), started.elapsed());
-                }
-                Ok::<_, Infallible>(response)
-            }
-        });
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
+        // A second handle on the socket, to answer 408 after hyper gives up on a slow request head.
+        let Some((stream, spare)) = with_spare_handle(stream) else { continue };
+        let per_request = request_service(service.clone(), metrics.clone(), peer, limits.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), per_request).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+                if is_header_timeout(e.as_ref()) {
+                    let answer = GuardError::new(GuardErrorKind::HeaderTimeout, "").to_http1_bytes();
+                    let _ = (&spare).write(&answer);
+                } else {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
             }
+            drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(drain_ms = drain.as_millis() as u64, "shutdown deadline passed with requests still open");
+    if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(drain_ms = limits.drain.as_millis() as u64, "shutdown deadline passed with requests still open");
     }
+}
+
+/// Per request: the client address, the header and body limits, and the response metrics.
+fn request_service<S>(
+    service: S,
+    metrics: Option<Arc<Metrics>>,
+    peer: SocketAddr,
+    limits: ServerLimits,
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response<GuardBody>, Error = Infallible, Future: Send> + Clone
+where
+    S: Service<Request<RequestBody>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    service_fn(move |request: Request<Incoming>| {
+        let service = service.clone();
+        let metrics = metrics.clone();
+        let limits = limits.clone();
+        async move {
+            let started = Instant::now();
+            let response = match over_limits(&request, &limits) {
+                Some(error) => error.into_response(request.headers()),
+                None => {
+                    let (mut parts, body) = request.into_parts();
+                    parts.extensions.insert(ClientAddr(peer));
+                    let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
+                    service.oneshot(request).await?
+                }
+            };
+            if let Some(metrics) = metrics {
+                metrics.response(response.status().as_u16(), started.elapsed());
+            }
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+fn over_limits(request: &Request<Incoming>, limits: &ServerLimits) -> Option<GuardError> {
+    let header_bytes: usize = request.uri().to_string().len()
+        + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+    if header_bytes > limits.max_header_bytes {
+        return Some(GuardError::new(
+            GuardErrorKind::HeadersTooLarge,
+            format!("{header_bytes} bytes of request head, the limit is {}.", limits.max_header_bytes),
+        ));
+    }
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match (declared, limits.max_body_bytes) {
+        (Some(length), Some(limit)) if length > limit => Some(GuardError::new(
+            GuardErrorKind::BodyTooLarge,
+            format!("Content-Length {length}, the limit is {limit} bytes."),
+        )),
+        _ => None,
+    }
+}
+
+/// Over the connection limit: one clear answer, then the connection closes.
+async fn refuse_connection(stream: TcpStream) {
+    tracing::warn!("connection limit reached; refusing a connection");
+    let refuse = service_fn(|request: Request<Incoming>| async move {
+        let mut response = GuardError::new(GuardErrorKind::TooManyConnections, "The connection limit is reached.")
+            .into_response(request.headers());
+        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(response)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(false).timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5));
+    let _ = builder.serve_connection(TokioIo::new(stream), refuse).await;
+}
+
+fn with_spare_handle(stream: TcpStream) -> Option<(TcpStream, std::net::TcpStream)> {
+    let std_stream = stream.into_std().ok()?;
+    let spare = std_stream.try_clone().ok()?;
+    let stream = TcpStream::from_std(std_stream).ok()?;
+    Some((stream, spare))
+}
+
+fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_timeout() {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -107,6 +107,9 @@ where
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.map_err(BoxError::from).boxed())
             }
+            Ok(Err(e)) if caused_by_body_limit(&e) => {
+                GuardError::new(GuardErrorKind::BodyTooLarge, error_chain(&e)).into_response(&request_headers)
+            }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
@@ -141,6 +144,17 @@ where
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
     }
+}
+
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(error) = current {
+        if error.is::<crate::body::BodyTooLarge>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -29,7 +29,7 @@
 //!     default_schema: "public".to_string(),
 //! };
 //! let service = HealLayer::new(coordinator, policy, metrics, Some(catalog)).layer(Forwarder::new(config));
-//! # let _: pgrst_guard::heal::HealService<Forwarder<pgrst_guard::heal::replay_body::ReplayBody<hyper::body::Incoming>>> = service;
+//! # let _: pgrst_guard::heal::HealService<Forwarder<pgrst_guard::heal::replay_body::ReplayBody<pgrst_guard::body::RequestBody>>> = service;
 //! # }
 //! ```
 

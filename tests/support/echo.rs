@@ -49,6 +49,9 @@ impl EchoServer {
 }
 
 async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path().contains("/delay") {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
     if request.uri().path().contains("/slow") {
         std::future::pending::<()>().await;
     }
