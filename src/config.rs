@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme, Uri};
+
+use crate::tls::SslMode;
 
 /// A configuration key: its canonical environment name, the TOML name, the CLI flag, the default
 /// and what it is for. `--help` and `config/pgrst-guard.toml` document the same list.
@@ -24,140 +26,146 @@ pub struct Key {
 }
 
 pub const KEYS: &[Key] = &[
-    Key {
-        env: "PGRST_GUARD_LISTEN",
-        toml: "listen",
-        default: Some("127.0.0.1:8080"),
-        help: "address the proxy listens on (host:port)",
-    },
-    Key {
-        env: "PGRST_GUARD_UPSTREAM",
-        toml: "upstream",
-        default: Some("http://127.0.0.1:3000"),
-        help: "PostgREST base URL, http or https, may carry a path prefix such as /rest/v1",
-    },
-    Key {
-        env: "PGRST_GUARD_DB_URI",
-        toml: "db_uri",
-        default: None,
-        help: "PostgreSQL URI used to send the reload NOTIFY (required)",
-    },
-    Key {
-        env: "PGRST_GUARD_DB_CHANNEL",
-        toml: "db_channel",
-        default: Some("pgrst"),
-        help: "channel PostgREST listens on (its db-channel)",
-    },
-    Key {
-        env: "PGRST_GUARD_UPSTREAM_ADMIN",
-        toml: "upstream_admin",
-        default: None,
-        help: "PostgREST admin-server URL; its /metrics tells when a reload finished",
-    },
-    Key {
-        env: "PGRST_GUARD_ADMIN_LISTEN",
-        toml: "admin_listen",
-        default: None,
-        help: "address of the guard's own /healthz, /readyz and /metrics",
-    },
-    Key {
-        env: "PGRST_GUARD_HEAL_DEADLINE_MS",
-        toml: "heal_deadline_ms",
-        default: Some("10000"),
-        help: "longest wait for a reload before the original error goes to the client",
-    },
-    Key {
-        env: "PGRST_GUARD_REPLAY_BODY_LIMIT",
-        toml: "replay_body_limit",
-        default: Some("1048576"),
-        help: "largest request body (bytes) kept for a replay; bigger ones stream through unhealed",
-    },
-    Key {
-        env: "PGRST_GUARD_RETRY_BACKOFF_MS",
-        toml: "retry_backoff_ms",
-        default: Some("25"),
-        help: "first back-off before a replay when reload completion cannot be observed; doubles up to 1 s",
-    },
-    Key {
-        env: "PGRST_GUARD_ADMIN_POLL_MS",
-        toml: "admin_poll_ms",
-        default: Some("10"),
-        help: "how often the admin /metrics is polled while a reload is awaited",
-    },
-    Key {
-        env: "PGRST_GUARD_DB_SCHEMAS",
-        toml: "db_schemas",
-        default: Some("public"),
-        help: "PostgREST's db-schemas, comma-separated; the first is the default for unqualified names",
-    },
-    Key {
-        env: "PGRST_GUARD_CATALOG_CHECK",
-        toml: "catalog_check",
-        default: Some("true"),
-        help: "ask the catalog whether a missing object exists before reloading (true or false)",
-    },
-    Key {
-        env: "PGRST_GUARD_CATALOG_REMEMBER_MS",
-        toml: "catalog_remember_ms",
-        default: Some("5000"),
-        help: "how long a 'does not exist' answer of the catalog check is remembered",
-    },
-    Key {
-        env: "PGRST_GUARD_RELOAD_MIN_INTERVAL_MS",
-        toml: "reload_min_interval_ms",
-        default: Some("1000"),
-        help: "reload budget: at most one NOTIFY from this guard per interval",
-    },
-    Key {
-        env: "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS",
-        toml: "upstream_connect_timeout_ms",
-        default: Some("3000"),
-        help: "upstream TCP connect timeout; past it the client gets 502",
-    },
-    Key {
-        env: "PGRST_GUARD_UPSTREAM_TIMEOUT_MS",
-        toml: "upstream_timeout_ms",
-        default: Some("60000"),
-        help: "time for the upstream to start answering; past it the client gets 504",
-    },
-    Key {
-        env: "PGRST_GUARD_HEADER_READ_TIMEOUT_MS",
-        toml: "header_read_timeout_ms",
-        default: Some("30000"),
-        help: "time a client has to send its request head; then 408",
-    },
-    Key {
-        env: "PGRST_GUARD_MAX_CONNECTIONS",
-        toml: "max_connections",
-        default: Some("10000"),
-        help: "open client connections at most; one more gets 503",
-    },
-    Key {
-        env: "PGRST_GUARD_MAX_HEADER_BYTES",
-        toml: "max_header_bytes",
-        default: Some("32768"),
-        help: "largest request head (URI and headers); larger gets 431",
-    },
-    Key {
-        env: "PGRST_GUARD_MAX_BODY_BYTES",
-        toml: "max_body_bytes",
-        default: Some("0"),
-        help: "largest request body; larger gets 413 (0: no limit)",
-    },
-    Key {
-        env: "PGRST_GUARD_SHUTDOWN_TIMEOUT_MS",
-        toml: "shutdown_timeout_ms",
-        default: Some("30000"),
-        help: "after SIGTERM/SIGINT, how long open requests and heals get to finish",
-    },
-    Key { env: "PGRST_GUARD_LOG_FORMAT", toml: "log_format", default: Some("text"), help: "log format: text or json" },
-    Key {
-        env: "PGRST_GUARD_LOG_LEVEL",
-        toml: "log_level",
-        default: Some("info"),
-        help: "log filter, e.g. info or pgrst_guard=debug",
-    },
+    key("PGRST_GUARD_LISTEN", "listen", Some("127.0.0.1:8080"), "address the proxy listens on (host:port)"),
+    key(
+        "PGRST_GUARD_UPSTREAM",
+        "upstream",
+        Some("http://127.0.0.1:3000"),
+        "PostgREST base URL, http or https, may carry a path prefix such as /rest/v1",
+    ),
+    key(
+        "PGRST_GUARD_UPSTREAM_CA_FILE",
+        "upstream_ca_file",
+        None,
+        "extra CA certificates (PEM) trusted for https upstreams, besides the system and webpki roots",
+    ),
+    key("PGRST_GUARD_DB_URI", "db_uri", None, "PostgreSQL URI used to send the reload NOTIFY (required)"),
+    key("PGRST_GUARD_DB_CHANNEL", "db_channel", Some("pgrst"), "channel PostgREST listens on (its db-channel)"),
+    key(
+        "PGRST_GUARD_UPSTREAM_ADMIN",
+        "upstream_admin",
+        None,
+        "PostgREST admin-server URL; its /metrics tells when a reload finished",
+    ),
+    key("PGRST_GUARD_ADMIN_LISTEN", "admin_listen", None, "address of the guard's own /healthz, /readyz and /metrics"),
+    key(
+        "PGRST_GUARD_HEAL_DEADLINE_MS",
+        "heal_deadline_ms",
+        Some("10000"),
+        "longest wait for a reload before the original error goes to the client",
+    ),
+    key(
+        "PGRST_GUARD_REPLAY_BODY_LIMIT",
+        "replay_body_limit",
+        Some("1048576"),
+        "largest request body (bytes) kept for a replay; bigger ones stream through unhealed",
+    ),
+    key(
+        "PGRST_GUARD_RETRY_BACKOFF_MS",
+        "retry_backoff_ms",
+        Some("25"),
+        "first back-off before a replay when reload completion cannot be observed; doubles up to 1 s",
+    ),
+    key(
+        "PGRST_GUARD_ADMIN_POLL_MS",
+        "admin_poll_ms",
+        Some("10"),
+        "how often the admin /metrics is polled while a reload is awaited",
+    ),
+    key(
+        "PGRST_GUARD_DB_SCHEMAS",
+        "db_schemas",
+        Some("public"),
+        "PostgREST's db-schemas, comma-separated; the first is the default for unqualified names",
+    ),
+    key(
+        "PGRST_GUARD_CATALOG_CHECK",
+        "catalog_check",
+        Some("true"),
+        "ask the catalog whether a missing object exists before reloading (true or false)",
+    ),
+    key(
+        "PGRST_GUARD_CATALOG_REMEMBER_MS",
+        "catalog_remember_ms",
+        Some("5000"),
+        "how long a 'does not exist' answer of the catalog check is remembered",
+    ),
+    key(
+        "PGRST_GUARD_RELOAD_MIN_INTERVAL_MS",
+        "reload_min_interval_ms",
+        Some("1000"),
+        "reload budget: at most one NOTIFY from this guard per interval",
+    ),
+    key(
+        "PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS",
+        "upstream_connect_timeout_ms",
+        Some("3000"),
+        "upstream TCP connect timeout; past it the client gets 502",
+    ),
+    key(
+        "PGRST_GUARD_UPSTREAM_TIMEOUT_MS",
+        "upstream_timeout_ms",
+        Some("60000"),
+        "time for the upstream to start answering; past it the client gets 504",
+    ),
+    key(
+        "PGRST_GUARD_HEADER_READ_TIMEOUT_MS",
+        "header_read_timeout_ms",
+        Some("30000"),
+        "time a client has to send its request head; then 408",
+    ),
+    key(
+        "PGRST_GUARD_MAX_CONNECTIONS",
+        "max_connections",
+        Some("10000"),
+        "open client connections at most; one more gets 503",
+    ),
+    key(
+        "PGRST_GUARD_MAX_HEADER_BYTES",
+        "max_header_bytes",
+        Some("32768"),
+        "largest request head (URI and headers); larger gets 431",
+    ),
+    key(
+        "PGRST_GUARD_MAX_BODY_BYTES",
+        "max_body_bytes",
+        Some("0"),
+        "largest request body; larger gets 413 (0: no limit)",
+    ),
+    key(
+        "PGRST_GUARD_SHUTDOWN_TIMEOUT_MS",
+        "shutdown_timeout_ms",
+        Some("30000"),
+        "after SIGTERM/SIGINT, how long open requests and heals get to finish",
+    ),
+    key("PGRST_GUARD_LOG_FORMAT", "log_format", Some("text"), "log format: text or json"),
+    key("PGRST_GUARD_LOG_LEVEL", "log_level", Some("info"), "log filter, e.g. info or pgrst_guard=debug"),
 ];
+
+const fn key(env: &'static str, toml: &'static str, default: Option<&'static str>, help: &'static str) -> Key {
+    Key { env, toml, default, help }
+}
+
+/// A TOML file documenting every key with its default: what `config/pgrst-guard.toml` holds and
+/// `pgrst-guard --print-config` prints.
+pub fn toml_template() -> String {
+    let mut out = String::from(
+        "# pgrst-guard configuration. Every key can also be set as an environment variable (the name in\n\
+         # brackets) or a command-line flag (--key-with-dashes). Flags win over the environment, which wins\n\
+         # over this file. Use it with `pgrst-guard --config PATH` or PGRST_GUARD_CONFIG.\n",
+    );
+    for key in KEYS {
+        out.push_str(&format!("\n# {} [{}]\n", key.help, key.env));
+        match key.default {
+            Some(value) if value.parse::<u64>().is_ok() || value == "true" || value == "false" => {
+                out.push_str(&format!("{} = {value}\n", key.toml))
+            }
+            Some(value) => out.push_str(&format!("{} = {value:?}\n", key.toml)),
+            None => out.push_str(&format!("# {} = \"...\"   (no default)\n", key.toml)),
+        }
+    }
+    out
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -201,23 +209,106 @@ impl fmt::Display for UpstreamUrl {
 
 /// A PostgreSQL connection string whose password never reaches a log or an error message.
 #[derive(Clone)]
-pub struct DbUri(String);
+pub struct DbUri {
+    text: String,
+    config: tokio_postgres::Config,
+    ssl_mode: SslMode,
+    root_cert: Option<PathBuf>,
+}
 
 impl DbUri {
+    /// Parses a URI or key=value string. `sslmode` takes libpq's values (default `prefer`) and
+    /// `sslrootcert` names an extra CA file; both are handled here, since tokio-postgres knows
+    /// neither `verify-ca`/`verify-full` nor root certificates.
     pub fn parse(text: &str) -> Result<DbUri, String> {
-        tokio_postgres::Config::from_str(text).map(|_| DbUri(text.to_string())).map_err(|_| {
-            "not a valid PostgreSQL connection string (value not shown: it may hold a password)".to_string()
-        })
+        let invalid =
+            || "not a valid PostgreSQL connection string (value not shown: it may hold a password)".to_string();
+        let (rest, params) = take_params(text, &["sslmode", "sslrootcert"]);
+        let ssl_mode = match params.get("sslmode") {
+            None => SslMode::Prefer,
+            Some(mode) => SslMode::parse(mode).ok_or_else(|| {
+                format!("sslmode {mode:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")
+            })?,
+        };
+        let root_cert = params.get("sslrootcert").map(PathBuf::from);
+        if let Some(path) = &root_cert {
+            crate::tls::root_store(Some(path)).map_err(|e| format!("sslrootcert: {e}"))?;
+        }
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|_| invalid())?;
+        config.ssl_mode(ssl_mode.for_tokio_postgres());
+        if config.get_application_name().is_none() {
+            config.application_name("pgrst-guard");
+        }
+        Ok(DbUri { text: text.to_string(), config, ssl_mode, root_cert })
     }
 
-    pub fn expose(&self) -> &str {
-        &self.0
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The TLS connector `sslmode` and `sslrootcert` ask for (used only when TLS is negotiated).
+    pub fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+        crate::tls::postgres_connector(self.ssl_mode, self.root_cert.as_deref())
     }
 
     /// The URI with any password replaced by `***`.
     pub fn redacted(&self) -> String {
-        redact_password(&self.0)
+        redact_password(&self.text)
     }
+}
+
+/// Removes `names` from a URI's query string or a key=value string; returns the rest and their values.
+fn take_params(text: &str, names: &[&str]) -> (String, BTreeMap<String, String>) {
+    let mut taken = BTreeMap::new();
+    let mut keep = |pair: &str| match pair.split_once('=') {
+        Some((k, v)) if names.contains(&k) => {
+            taken.insert(k.to_string(), percent_decode(v));
+            false
+        }
+        _ => true,
+    };
+    let rest = if text.contains("://") {
+        match text.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && keep(p)).collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => text.to_string(),
+        }
+    } else {
+        text.split_whitespace().filter(|p| keep(p)).collect::<Vec<_>>().join(" ")
+    };
+    (rest, taken)
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .flatten();
+        match hex {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl fmt::Debug for DbUri {
@@ -252,6 +343,7 @@ pub struct Config {
     pub db_uri: DbUri,
     pub db_channel: String,
     pub upstream_admin: Option<UpstreamUrl>,
+    pub upstream_ca_file: Option<PathBuf>,
     pub admin_listen: Option<SocketAddr>,
     pub heal_deadline: Duration,
     pub replay_body_limit: usize,
@@ -356,6 +448,10 @@ impl Config {
             UpstreamUrl::parse(&required("PGRST_GUARD_UPSTREAM")?).map_err(|p| error("PGRST_GUARD_UPSTREAM", p))?;
         let db_uri = DbUri::parse(&required("PGRST_GUARD_DB_URI")?).map_err(|p| error("PGRST_GUARD_DB_URI", p))?;
         let db_channel = required("PGRST_GUARD_DB_CHANNEL")?;
+        let upstream_ca_file = get("PGRST_GUARD_UPSTREAM_CA_FILE").map(PathBuf::from);
+        if let Some(path) = &upstream_ca_file {
+            crate::tls::root_store(Some(path)).map_err(|p| error("PGRST_GUARD_UPSTREAM_CA_FILE", p))?;
+        }
         let upstream_admin = get("PGRST_GUARD_UPSTREAM_ADMIN")
             .map(|v| UpstreamUrl::parse(&v).map_err(|p| error("PGRST_GUARD_UPSTREAM_ADMIN", p)))
             .transpose()?;
@@ -392,6 +488,7 @@ impl Config {
             db_uri,
             db_channel,
             upstream_admin,
+            upstream_ca_file,
             admin_listen,
             heal_deadline: millis("PGRST_GUARD_HEAL_DEADLINE_MS")?,
             replay_body_limit: number("PGRST_GUARD_REPLAY_BODY_LIMIT")? as usize,

@@ -23,6 +23,7 @@ pub mod heal;
 pub mod metrics;
 pub mod reload;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -62,7 +63,9 @@ impl RunningGuard {
             poll: config.admin_poll,
             min_interval: config.reload_min_interval,
         };
-        let load_counter = config.upstream_admin.as_ref().map(LoadCounter::new);
+        let https = tls::https_config(config.upstream_ca_file.as_deref())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let load_counter = config.upstream_admin.as_ref().map(|admin| LoadCounter::new(admin, https.clone()));
         let coordinator = ReloadCoordinator::start(notifier.clone(), load_counter, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
@@ -72,8 +75,9 @@ impl RunningGuard {
         };
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
-        let service = HealLayer::new(coordinator, policy, metrics.clone(), catalog)
-            .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config));
+        let service =
+            HealLayer::new(coordinator, policy, metrics.clone(), catalog)
+                .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config, https));
 
         let listener = server::bind(config.listen).await?;
         let addr = listener.local_addr()?;

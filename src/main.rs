@@ -11,7 +11,13 @@ fn cli() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("A reverse proxy for PostgREST that heals stale schema caches: reload, wait, replay once.")
         .after_help("A flag wins over the environment variable, which wins over the TOML file.")
-        .arg(Arg::new("config").long("config").value_name("PATH").help("TOML configuration file [PGRST_GUARD_CONFIG]"));
+        .arg(Arg::new("config").long("config").value_name("PATH").help("TOML configuration file [PGRST_GUARD_CONFIG]"))
+        .arg(
+            Arg::new("print-config")
+                .long("print-config")
+                .action(clap::ArgAction::SetTrue)
+                .help("Print a TOML file documenting every key with its default, then exit"),
+        );
     for key in KEYS {
         let default = key.default.map(|d| format!(" (default: {d})")).unwrap_or_default();
         command = command.arg(
@@ -32,6 +38,10 @@ fn flags(matches: &ArgMatches) -> RawConfig {
 
 fn main() {
     let matches = cli().get_matches();
+    if matches.get_flag("print-config") {
+        print!("{}", config::toml_template());
+        return;
+    }
     let config_file = matches
         .get_one::<String>("config")
         .map(PathBuf::from)
@@ -50,6 +60,8 @@ fn main() {
 }
 
 async fn run(config: Config) -> i32 {
+    // Installed before anything starts, so that an early SIGTERM still means a clean stop.
+    let signal = wait_for_signal();
     let listen = config.listen;
     let guard = match RunningGuard::start(config).await {
         Ok(guard) => guard,
@@ -59,21 +71,26 @@ async fn run(config: Config) -> i32 {
             return 1;
         }
     };
-    wait_for_signal().await;
+    signal.await;
     tracing::info!("shutting down: no new connections, finishing open requests");
     guard.shutdown().await;
     tracing::info!("stopped");
     0
 }
 
-async fn wait_for_signal() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 

@@ -13,13 +13,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::body::{BoxError, GuardBody};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::{GuardError, GuardErrorKind};
+use crate::tls::{upstream_connector, UpstreamConnector};
 
 /// The client's address, put on each request by the server.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +39,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub struct Forwarder<B> {
-    client: Client<HttpConnector, B>,
+    client: Client<UpstreamConnector, B>,
     upstream: UpstreamUrl,
     response_timeout: Duration,
 }
@@ -58,11 +59,8 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn new(config: &Config) -> Forwarder<B> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    pub fn new(config: &Config, tls: rustls::ClientConfig) -> Forwarder<B> {
+        let connector = upstream_connector(tls, config.upstream_connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))

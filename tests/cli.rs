@@ -47,6 +47,11 @@ fn help_lists_every_key() {
 #[test]
 fn the_documented_config_file_lists_every_key_and_parses() {
     let documented = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgrst-guard.toml")).unwrap();
+    assert_eq!(
+        documented,
+        pgrst_guard::config::toml_template(),
+        "config/pgrst-guard.toml is out of date: run `cargo run -- --print-config > config/pgrst-guard.toml`"
+    );
     for key in pgrst_guard::config::KEYS {
         assert!(
             documented.contains(key.toml) && documented.contains(key.env),
@@ -102,7 +107,7 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
     for line in lines.by_ref() {
         let line = line.unwrap();
         seen.push(line.clone());
-        if line.contains("cannot connect to the database") {
+        if line.contains("pgrst-guard listening") {
             break;
         }
     }

@@ -7,17 +7,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::UpstreamUrl;
+use crate::tls::{upstream_connector, UpstreamConnector};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct LoadCounter {
     metrics_uri: Uri,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<UpstreamConnector, Empty<Bytes>>,
 }
 
 #[derive(Debug)]
@@ -37,13 +38,11 @@ impl std::fmt::Display for ProbeError {
 }
 
 impl LoadCounter {
-    pub fn new(admin: &UpstreamUrl) -> LoadCounter {
+    pub fn new(admin: &UpstreamUrl, tls: rustls::ClientConfig) -> LoadCounter {
         let metrics_uri = format!("{}://{}{}/metrics", admin.scheme, admin.authority, admin.path_prefix)
             .parse()
             .expect("admin URL was validated");
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(PROBE_TIMEOUT));
+        let connector = upstream_connector(tls, PROBE_TIMEOUT);
         LoadCounter { metrics_uri, client: Client::builder(TokioExecutor::new()).build(connector) }
     }
 

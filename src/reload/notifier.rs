@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, RwLock};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::config::DbUri;
 
@@ -114,9 +114,16 @@ impl Notifier {
 }
 
 async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
+    let tls = match db_uri.tls() {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up TLS for the database connection; healing is off");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(250);
     loop {
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(db_uri.expose(), NoTls)).await;
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, db_uri.pg_config().connect(tls.clone())).await;
         let Some(this) = notifier.upgrade() else {
             return;
         };

@@ -46,9 +46,29 @@ impl EchoServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The same echo behind TLS with `server_config`.
+    pub async fn start_tls(server_config: rustls::ServerConfig) -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server_config));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service_fn(echo))
+                        .await;
+                });
+            }
+        });
+        EchoServer { addr, task }
+    }
 }
 
-async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path().contains("/delay") {
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     }

@@ -91,6 +91,20 @@ impl TestCluster {
         self.start_again().await;
     }
 
+    /// Turns on TLS with this certificate and key (PEM), by configuration reload.
+    pub async fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        std::fs::write(data.join("server.crt"), cert_pem).expect("write server.crt");
+        std::fs::write(data.join("server.key"), key_pem).expect("write server.key");
+        let key = data.join("server.key");
+        run_checked(Command::new("chmod").arg("600").arg(&key));
+        if self.as_postgres_user {
+            run_checked(Command::new("chown").arg("postgres:postgres").arg(data.join("server.crt")).arg(&key));
+        }
+        self.sql("ALTER SYSTEM SET ssl = on").await;
+        self.sql("SELECT pg_reload_conf()").await;
+    }
+
     fn handle(&self) -> ClusterHandle {
         ClusterHandle {
             dir: self.dir.clone(),
