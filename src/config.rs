@@ -39,6 +39,9 @@ pub const KEYS: &[Key] = &[
         None,
         "extra CA certificates (PEM) trusted for https upstreams, besides the system and webpki roots",
     ),
+    key("PGRST_GUARD_SUPABASE_URL", "supabase_url", None, "Supabase project URL: gateway mode with upstream URL/rest/v1, REST prefix /rest/v1 and pass-through to URL"),
+    key("PGRST_GUARD_REST_PREFIX", "rest_prefix", None, "path prefix of REST requests, stripped before forwarding (e.g. /rest/v1); other paths go to the pass-through origin"),
+    key("PGRST_GUARD_PASSTHROUGH_UPSTREAM", "passthrough_upstream", None, "origin for paths outside the REST prefix, passed through untouched, WebSockets included"),
     key("PGRST_GUARD_DB_URI", "db_uri", None, "PostgreSQL URI used to send the reload NOTIFY (required)"),
     key("PGRST_GUARD_DB_CHANNEL", "db_channel", Some("pgrst"), "channel PostgREST listens on (its db-channel)"),
     key(
@@ -344,6 +347,9 @@ pub struct Config {
     pub db_channel: String,
     pub upstream_admin: Option<UpstreamUrl>,
     pub upstream_ca_file: Option<PathBuf>,
+    /// Gateway mode: requests under this prefix are REST requests (prefix stripped).
+    pub rest_prefix: Option<String>,
+    pub passthrough_upstream: Option<UpstreamUrl>,
     pub admin_listen: Option<SocketAddr>,
     pub heal_deadline: Duration,
     pub replay_body_limit: usize,
@@ -444,8 +450,45 @@ impl Config {
         };
 
         let listen = socket("PGRST_GUARD_LISTEN", required("PGRST_GUARD_LISTEN")?)?;
-        let upstream =
-            UpstreamUrl::parse(&required("PGRST_GUARD_UPSTREAM")?).map_err(|p| error("PGRST_GUARD_UPSTREAM", p))?;
+        let supabase = get("PGRST_GUARD_SUPABASE_URL")
+            .map(|v| UpstreamUrl::parse(&v).map_err(|p| error("PGRST_GUARD_SUPABASE_URL", p)))
+            .transpose()?;
+        // The Supabase shorthand fills what is not set explicitly.
+        let explicit = |env: &str| raw.get(env).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let upstream_text = match (&supabase, explicit("PGRST_GUARD_UPSTREAM")) {
+            (_, Some(text)) => text,
+            (Some(project), None) => format!("{project}/rest/v1"),
+            (None, None) => required("PGRST_GUARD_UPSTREAM")?,
+        };
+        let rest_prefix = match (&supabase, explicit("PGRST_GUARD_REST_PREFIX")) {
+            (_, Some(prefix)) => Some(prefix),
+            (Some(_), None) => Some("/rest/v1".to_string()),
+            (None, None) => None,
+        };
+        let rest_prefix = match rest_prefix {
+            Some(prefix) if !prefix.starts_with('/') || prefix.contains(['?', '#']) => {
+                return Err(error(
+                    "PGRST_GUARD_REST_PREFIX",
+                    format!("expected a path such as /rest/v1, got {prefix:?}"),
+                ))
+            }
+            Some(prefix) => Some(prefix.trim_end_matches('/').to_string()).filter(|p| !p.is_empty()),
+            None => None,
+        };
+        let passthrough_upstream = match (&supabase, explicit("PGRST_GUARD_PASSTHROUGH_UPSTREAM")) {
+            (_, Some(text)) => {
+                Some(UpstreamUrl::parse(&text).map_err(|p| error("PGRST_GUARD_PASSTHROUGH_UPSTREAM", p))?)
+            }
+            (Some(project), None) => Some(project.clone()),
+            (None, None) => None,
+        };
+        if passthrough_upstream.is_some() && rest_prefix.is_none() {
+            return Err(error(
+                "PGRST_GUARD_PASSTHROUGH_UPSTREAM",
+                "needs PGRST_GUARD_REST_PREFIX, which says which paths are REST requests",
+            ));
+        }
+        let upstream = UpstreamUrl::parse(&upstream_text).map_err(|p| error("PGRST_GUARD_UPSTREAM", p))?;
         let db_uri = DbUri::parse(&required("PGRST_GUARD_DB_URI")?).map_err(|p| error("PGRST_GUARD_DB_URI", p))?;
         let db_channel = required("PGRST_GUARD_DB_CHANNEL")?;
         let upstream_ca_file = get("PGRST_GUARD_UPSTREAM_CA_FILE").map(PathBuf::from);
@@ -489,6 +532,8 @@ impl Config {
             db_channel,
             upstream_admin,
             upstream_ca_file,
+            rest_prefix,
+            passthrough_upstream,
             admin_listen,
             heal_deadline: millis("PGRST_GUARD_HEAL_DEADLINE_MS")?,
             replay_body_limit: number("PGRST_GUARD_REPLAY_BODY_LIMIT")? as usize,
@@ -559,6 +604,24 @@ mod tests {
         let e = Config::from_raw(&raw(&[("PGRST_GUARD_DB_URI", "postgres://u:hunter2@h:notaport/db")])).unwrap_err();
         assert_eq!(e.key, "PGRST_GUARD_DB_URI");
         assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn the_supabase_shorthand_sets_gateway_mode() {
+        let c = Config::from_raw(&raw(&[
+            ("PGRST_GUARD_DB_URI", "postgres://u@h/db"),
+            ("PGRST_GUARD_SUPABASE_URL", "https://abc.supabase.co"),
+        ]))
+        .unwrap();
+        assert_eq!(c.upstream.to_string(), "https://abc.supabase.co/rest/v1");
+        assert_eq!(c.rest_prefix.as_deref(), Some("/rest/v1"));
+        assert_eq!(c.passthrough_upstream.unwrap().to_string(), "https://abc.supabase.co");
+        let e = Config::from_raw(&raw(&[
+            ("PGRST_GUARD_DB_URI", "postgres://u@h/db"),
+            ("PGRST_GUARD_PASSTHROUGH_UPSTREAM", "https://abc.supabase.co"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.key, "PGRST_GUARD_PASSTHROUGH_UPSTREAM");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum GuardErrorKind {
     HeadersTooLarge,
     /// Request body over `PGRST_GUARD_MAX_BODY_BYTES`: 413.
     BodyTooLarge,
+    /// A path outside the REST prefix with no pass-through origin: 404.
+    NoRoute,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,13 @@ impl GuardError {
                 "Request headers are too large.",
                 Some("Send smaller headers, or raise PGRST_GUARD_MAX_HEADER_BYTES."),
                 "http_request_error",
+            ),
+            GuardErrorKind::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "PGRSTG08",
+                "No route for this path.",
+                Some("Only paths under PGRST_GUARD_REST_PREFIX are served; set PGRST_GUARD_PASSTHROUGH_UPSTREAM for the rest."),
+                "destination_not_found",
             ),
             GuardErrorKind::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod heal;
 pub mod metrics;
 pub mod reload;
@@ -35,6 +36,7 @@ use tokio::task::JoinHandle;
 use tower::Layer;
 
 use config::Config;
+use gateway::Gateway;
 use heal::replay_body::ReplayBody;
 use heal::{HealLayer, HealPolicy};
 use metrics::Metrics;
@@ -75,9 +77,14 @@ impl RunningGuard {
         };
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
-        let service =
+        let rest =
             HealLayer::new(coordinator, policy, metrics.clone(), catalog)
-                .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config, https));
+                .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, &config, https.clone()));
+        let passthrough = config
+            .passthrough_upstream
+            .as_ref()
+            .map(|origin| Forwarder::<RequestBody>::new(origin, &config, https.clone()).with_upgrades());
+        let service = Gateway::new(rest, passthrough, config.rest_prefix.clone());
 
         let listener = server::bind(config.listen).await?;
         let addr = listener.local_addr()?;

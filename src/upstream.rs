@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
 
 use crate::body::{BoxError, GuardBody};
@@ -42,6 +42,8 @@ pub struct Forwarder<B> {
     client: Client<UpstreamConnector, B>,
     upstream: UpstreamUrl,
     response_timeout: Duration,
+    /// Pass `Upgrade` requests (WebSockets) through as a tunnel.
+    upgrades: bool,
 }
 
 impl<B> Clone for Forwarder<B> {
@@ -50,6 +52,7 @@ impl<B> Clone for Forwarder<B> {
             client: self.client.clone(),
             upstream: self.upstream.clone(),
             response_timeout: self.response_timeout,
+            upgrades: self.upgrades,
         }
     }
 }
@@ -59,13 +62,20 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn new(config: &Config, tls: rustls::ClientConfig) -> Forwarder<B> {
+    /// A forwarder to `upstream` with the configured timeouts.
+    pub fn new(upstream: &UpstreamUrl, config: &Config, tls: rustls::ClientConfig) -> Forwarder<B> {
         let connector = upstream_connector(tls, config.upstream_connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Forwarder { client, upstream: config.upstream.clone(), response_timeout: config.upstream_timeout }
+        Forwarder { client, upstream: upstream.clone(), response_timeout: config.upstream_timeout, upgrades: false }
+    }
+
+    /// Lets `Upgrade` requests (WebSockets) through: both connections are joined after the 101.
+    pub fn with_upgrades(mut self) -> Forwarder<B> {
+        self.upgrades = true;
+        self
     }
 
     /// Where a request goes: the configured base plus the request's path and query.
@@ -80,8 +90,10 @@ where
             .build()
     }
 
-    async fn forward(self, request: Request<B>) -> Response<GuardBody> {
+    async fn forward(self, mut request: Request<B>) -> Response<GuardBody> {
         let request_headers = request.headers().clone();
+        let upgrade = if self.upgrades { requested_upgrade(&request_headers) } else { None };
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let original_authority = parts.uri.authority().map(|a| a.to_string());
         parts.uri = match self.upstream_uri(&parts.uri) {
@@ -96,11 +108,20 @@ where
             .cloned()
             .or_else(|| original_authority.and_then(|a| HeaderValue::from_str(&a).ok()));
         prepare_request_headers(&mut parts.headers, &self.upstream, client_addr, original_host);
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
         parts.version = Version::HTTP_11;
         let sent =
             tokio::time::timeout(self.response_timeout, self.client.request(Request::from_parts(parts, body))).await;
         match sent {
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
+                if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                    return response.map(|body| body.map_err(BoxError::from).boxed());
+                }
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body.map_err(BoxError::from).boxed())
@@ -141,6 +162,30 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
+    }
+}
+
+/// The protocol of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade: websocket`).
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Joins the client's and the upstream's upgraded connections until either side closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "upgrade failed"),
     }
 }
 

@@ -28,7 +28,7 @@
 //!     empty_cache_backoff: std::time::Duration::from_millis(25),
 //!     default_schema: "public".to_string(),
 //! };
-//! let service = HealLayer::new(coordinator, policy, metrics, Some(catalog)).layer(Forwarder::new(config, pgrst_guard::tls::https_config(None).unwrap()));
+//! let service = HealLayer::new(coordinator, policy, metrics, Some(catalog)).layer(Forwarder::new(&config.upstream, config, pgrst_guard::tls::https_config(None).unwrap()));
 //! # let _: pgrst_guard::heal::HealService<Forwarder<pgrst_guard::heal::replay_body::ReplayBody<pgrst_guard::body::RequestBody>>> = service;
 //! # }
 //! ```

@@ -1,0 +1,88 @@
+//! Supabase gateway mode with the real supabase-js (npm) in Node: REST through the heal layer to
+//! the PostgREST double, everything else — auth, storage, functions, the realtime WebSocket —
+//! through to a stand-in Supabase origin, untouched.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::guard::start_guard;
+use support::pg::free_port;
+use support::TestBed;
+
+const ANON_KEY: &str = "sb_publishable_test_anon_key";
+
+fn node_modules_ready(js: &Path) {
+    if js.join("node_modules/@supabase/supabase-js").exists() && js.join("node_modules/ws").exists() {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(js)
+        .status()
+        .expect("npm is needed for the supabase-js test (Debian: nodejs, npm)");
+    assert!(status.success(), "npm ci in tests/js failed");
+}
+
+#[tokio::test]
+async fn supabase_js_through_the_gateway() {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    tokio::task::spawn_blocking({
+        let js = js.clone();
+        move || node_modules_ready(&js)
+    })
+    .await
+    .unwrap();
+
+    let bed = TestBed::start("CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);").await;
+    let origin_port = free_port();
+    let origin = format!("http://127.0.0.1:{origin_port}");
+    let admin = bed.double.admin_url();
+    let guard = start_guard(
+        &bed.double.url(),
+        &bed.pg.uri("postgres"),
+        &[
+            ("PGRST_GUARD_REST_PREFIX", "/rest/v1"),
+            ("PGRST_GUARD_PASSTHROUGH_UPSTREAM", &origin),
+            ("PGRST_GUARD_UPSTREAM_ADMIN", &admin),
+        ],
+    )
+    .await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids TEXT[] DEFAULT '{}'").await;
+
+    let guard_url = guard.url();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("gateway.mjs")
+            .current_dir(&js)
+            .env("GUARD_URL", guard_url)
+            .env("ORIGIN_PORT", origin_port.to_string())
+            .env("ANON_KEY", ANON_KEY)
+            .output()
+            .expect("node is needed for the supabase-js test")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "supabase-js checks failed:\n{stdout}\n{stderr}");
+
+    let client = bed.pg.connect("postgres").await;
+    let row = client.query_one("SELECT content, artifact_ids FROM chat_messages", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "from supabase-js");
+    assert_eq!(row.get::<_, Vec<String>>(1), vec!["a1", "a2"]);
+    assert!(stdout.contains(r#""method":"UPGRADE""#), "the WebSocket reached the origin: {stdout}");
+}
+
+#[tokio::test]
+async fn without_a_pass_through_origin_other_paths_get_404() {
+    let bed = TestBed::start("CREATE TABLE t (id int);").await;
+    let guard =
+        start_guard(&bed.double.url(), &bed.pg.uri("postgres"), &[("PGRST_GUARD_REST_PREFIX", "/rest/v1")]).await;
+    let r = bed.http.get(&format!("{}/rest/v1/t", guard.url())).await;
+    assert_eq!(r.status, http::StatusCode::OK);
+    let r = bed.http.get(&format!("{}/auth/v1/user", guard.url())).await;
+    assert_eq!(r.status, http::StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["code"], "PGRSTG08");
+}
