@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod gateway;
 pub mod heal;

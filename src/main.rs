@@ -11,7 +11,17 @@ fn cli() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("A reverse proxy for PostgREST that heals stale schema caches: reload, wait, replay once.")
         .after_help("A flag wins over the environment variable, which wins over the TOML file.")
-        .arg(Arg::new("config").long("config").value_name("PATH").help("TOML configuration file [PGRST_GUARD_CONFIG]"))
+        .subcommand(Command::new("doctor").about(
+            "Check the upstream, PostgREST's admin server, the database and the whole reload path (sends one NOTIFY); \
+             exits 0 only when all is well",
+        ))
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .global(true)
+                .value_name("PATH")
+                .help("TOML configuration file [PGRST_GUARD_CONFIG]"),
+        )
         .arg(
             Arg::new("print-config")
                 .long("print-config")
@@ -23,6 +33,7 @@ fn cli() -> Command {
         command = command.arg(
             Arg::new(key.toml)
                 .long(key.toml.replace('_', "-"))
+                .global(true)
                 .value_name("VALUE")
                 .help(format!("{}{default} [{}]", key.help, key.env)),
         );
@@ -31,6 +42,7 @@ fn cli() -> Command {
 }
 
 fn flags(matches: &ArgMatches) -> RawConfig {
+    let matches = matches.subcommand_matches("doctor").unwrap_or(matches);
     KEYS.iter()
         .filter_map(|key| matches.get_one::<String>(key.toml).map(|value| (key.env.to_string(), value.clone())))
         .collect()
@@ -43,6 +55,8 @@ fn main() {
         return;
     }
     let config_file = matches
+        .subcommand_matches("doctor")
+        .unwrap_or(&matches)
         .get_one::<String>("config")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
@@ -53,8 +67,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_tracing(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if matches.subcommand_matches("doctor").is_some() {
+        let findings = runtime.block_on(pgrst_guard::doctor::run(&config, |finding| println!("{finding}")));
+        let failed = findings.iter().any(|f| f.status == pgrst_guard::doctor::Status::Fail);
+        println!("{}", if failed { "doctor: problems found" } else { "doctor: all is well" });
+        std::process::exit(i32::from(failed));
+    }
+    init_tracing(&config);
     let code = runtime.block_on(run(config));
     std::process::exit(code);
 }

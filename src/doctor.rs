@@ -1,0 +1,219 @@
+//! `pgrst-guard doctor`: checks, with the guard's own configuration, everything healing depends on,
+//! ending with the situation that made people need the guard: "I sent NOTIFY and PostgREST still
+//! does not see my column". It sends one NOTIFY and watches PostgREST's load counter move.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::config::{Config, UpstreamUrl};
+use crate::reload::LoadCounter;
+use crate::tls;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+pub struct Finding {
+    pub status: Status,
+    pub check: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = match self.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        write!(f, "{status} {:<10} {}", self.check, self.message)
+    }
+}
+
+fn finding(status: Status, check: &'static str, message: impl Into<String>) -> Finding {
+    Finding { status, check, message: message.into() }
+}
+
+/// Runs every check, printing each finding as it comes; returns them all.
+pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut note = |f: Finding| {
+        report(&f);
+        findings.push(f);
+    };
+    let https = match tls::https_config(config.upstream_ca_file.as_deref()) {
+        Ok(https) => https,
+        Err(e) => {
+            note(finding(Status::Fail, "tls", e));
+            return findings;
+        }
+    };
+    note(check_upstream(&config.upstream, https.clone(), config).await);
+
+    let counter = match &config.upstream_admin {
+        None => {
+            note(finding(
+                Status::Warn,
+                "admin",
+                "PGRST_GUARD_UPSTREAM_ADMIN is not set: heals wait with back-off, and this check cannot confirm reloads \
+                 (hosted Supabase does not expose PostgREST's admin server)",
+            ));
+            None
+        }
+        Some(admin) => {
+            let counter = LoadCounter::new(admin, https.clone());
+            match counter.successful_loads().await {
+                Ok(count) => {
+                    note(finding(
+                        Status::Ok,
+                        "admin",
+                        format!("{admin}/metrics: {count} successful schema cache loads so far"),
+                    ));
+                    Some(counter)
+                }
+                Err(e) => {
+                    note(finding(
+                        Status::Fail,
+                        "admin",
+                        format!("{admin}/metrics: {e} (PostgREST 12.2 or newer has it)"),
+                    ));
+                    None
+                }
+            }
+        }
+    };
+
+    let client = match connect_database(config).await {
+        Ok(client) => client,
+        Err(e) => {
+            note(finding(Status::Fail, "database", format!("{}: {e}", config.db_uri.redacted())));
+            return findings;
+        }
+    };
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or_else(|_| "unknown".to_string());
+    let listeners: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN ' || quote_ident($1) OR query = 'LISTEN \"' || $1 || '\"'",
+            &[&config.db_channel],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0);
+    note(finding(
+        Status::Ok,
+        "database",
+        format!(
+            "{} (PostgreSQL {version}, TLS {:?}); {listeners} session(s) visibly LISTENing on {:?}",
+            config.db_uri.redacted(),
+            config.db_uri.ssl_mode(),
+            config.db_channel
+        ),
+    ));
+
+    note(check_reload(&client, counter.as_ref(), config).await);
+    findings
+}
+
+async fn check_upstream(upstream: &UpstreamUrl, https: rustls::ClientConfig, config: &Config) -> Finding {
+    let client: Client<_, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(tls::upstream_connector(https, config.upstream_connect_timeout));
+    let uri = format!("{upstream}/");
+    let request = match Request::get(&uri).body(Empty::new()) {
+        Ok(request) => request,
+        Err(e) => return finding(Status::Fail, "upstream", format!("{uri}: {e}")),
+    };
+    match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+        Ok(Ok(response)) => {
+            let server = response.headers().get(header::SERVER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let status = response.status();
+            let _ = response.into_body().collect().await;
+            match server.strip_prefix("postgrest/") {
+                Some(version) => {
+                    finding(Status::Ok, "upstream", format!("{upstream} answered {status}; PostgREST {version}"))
+                }
+                None => finding(
+                    Status::Warn,
+                    "upstream",
+                    format!("{upstream} answered {status} but its Server header ({server:?}) does not name PostgREST"),
+                ),
+            }
+        }
+        Ok(Err(e)) => finding(Status::Fail, "upstream", format!("{upstream} is not reachable: {e}")),
+        Err(_) => finding(Status::Fail, "upstream", format!("{upstream} did not answer within 5 s")),
+    }
+}
+
+async fn connect_database(config: &Config) -> Result<tokio_postgres::Client, String> {
+    let tls = config.db_uri.tls()?;
+    let connect = config.db_uri.pg_config().connect(tls);
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| "no connection within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Sends one NOTIFY and, with the admin server, waits for the load counter to move.
+async fn check_reload(client: &tokio_postgres::Client, counter: Option<&LoadCounter>, config: &Config) -> Finding {
+    let before = match counter {
+        Some(counter) => counter.successful_loads().await.ok(),
+        None => None,
+    };
+    if let Err(e) = client.execute("SELECT pg_notify($1, 'reload schema')", &[&config.db_channel]).await {
+        return finding(Status::Fail, "reload", format!("NOTIFY on {:?} failed: {e}", config.db_channel));
+    }
+    let (Some(counter), Some(before)) = (counter, before) else {
+        return finding(
+            Status::Warn,
+            "reload",
+            format!(
+                "sent NOTIFY on {:?}; set PGRST_GUARD_UPSTREAM_ADMIN to confirm PostgREST reloaded",
+                config.db_channel
+            ),
+        );
+    };
+    let sent = Instant::now();
+    while sent.elapsed() < config.heal_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(now) = counter.successful_loads().await {
+            if now != before {
+                return finding(
+                    Status::Ok,
+                    "reload",
+                    format!(
+                        "NOTIFY on {:?} made PostgREST reload in {} ms",
+                        config.db_channel,
+                        sent.elapsed().as_millis()
+                    ),
+                );
+            }
+        }
+    }
+    finding(
+        Status::Fail,
+        "reload",
+        format!(
+            "sent NOTIFY on {:?} but PostgREST did not reload within {} ms: its listener is not receiving. \
+             Check that PostgREST's db-channel is {:?} and that it listens on this database; if its log says \
+             \"could not access status of transaction\", run `select pg_notification_queue_usage();` \
+             (a PostgreSQL notification-queue bug, PostgREST #3147), or restart PostgREST.",
+            config.db_channel,
+            config.heal_deadline.as_millis(),
+            config.db_channel
+        ),
+    )
+}
