@@ -78,9 +78,10 @@ impl RunningGuard {
         };
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
-        let rest =
-            HealLayer::new(coordinator, policy, metrics.clone(), catalog)
-                .layer(Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, &config, https.clone()));
+        let rest = HealLayer::new(coordinator, policy, metrics.clone(), catalog).layer(
+            Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, &config, https.clone())
+                .with_metrics(metrics.clone()),
+        );
         let passthrough = config
             .passthrough_upstream
             .as_ref()

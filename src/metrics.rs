@@ -48,6 +48,7 @@ pub struct Metrics {
     catalog_checks: Mutex<BTreeMap<&'static str, u64>>,
     heal_wait: Histogram,
     request_duration: Histogram,
+    upstream_latency: Histogram,
 }
 
 impl Metrics {
@@ -66,6 +67,10 @@ impl Metrics {
 
     pub fn notify_sent(&self) {
         self.notifies_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn observe_upstream(&self, took: Duration) {
+        self.upstream_latency.observe(took);
     }
 
     pub fn observe_heal_wait(&self, took: Duration) {
@@ -104,6 +109,11 @@ impl Metrics {
             &mut out,
             "pgrst_guard_heal_wait_seconds",
             "Time from a schema-cache error to the answer sent.",
+        );
+        self.upstream_latency.render(
+            &mut out,
+            "pgrst_guard_upstream_latency_seconds",
+            "Time from forwarding to the upstream's response head.",
         );
         self.request_duration.render(
             &mut out,

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tower::Service;
 use crate::body::{BoxError, GuardBody};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::{GuardError, GuardErrorKind};
+use crate::metrics::Metrics;
 use crate::tls::{upstream_connector, UpstreamConnector};
 
 /// The client's address, put on each request by the server.
@@ -44,6 +46,7 @@ pub struct Forwarder<B> {
     response_timeout: Duration,
     /// Pass `Upgrade` requests (WebSockets) through as a tunnel.
     upgrades: bool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<B> Clone for Forwarder<B> {
@@ -53,6 +56,7 @@ impl<B> Clone for Forwarder<B> {
             upstream: self.upstream.clone(),
             response_timeout: self.response_timeout,
             upgrades: self.upgrades,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -69,7 +73,19 @@ where
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Forwarder { client, upstream: upstream.clone(), response_timeout: config.upstream_timeout, upgrades: false }
+        Forwarder {
+            client,
+            upstream: upstream.clone(),
+            response_timeout: config.upstream_timeout,
+            upgrades: false,
+            metrics: None,
+        }
+    }
+
+    /// Records the upstream's time to answer in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Forwarder<B> {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Lets `Upgrade` requests (WebSockets) through: both connections are joined after the 101.
@@ -113,8 +129,12 @@ where
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
         parts.version = Version::HTTP_11;
+        let started = tokio::time::Instant::now();
         let sent =
             tokio::time::timeout(self.response_timeout, self.client.request(Request::from_parts(parts, body))).await;
+        if let (Some(metrics), Ok(Ok(_))) = (&self.metrics, &sent) {
+            metrics.observe_upstream(started.elapsed());
+        }
         match sent {
             Ok(Ok(mut response)) => {
                 if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {

@@ -77,6 +77,25 @@ async fn new_column_heals_with_admin_metrics() {
 }
 
 #[tokio::test]
+async fn a_heal_shows_in_the_guards_metrics() {
+    let s = Setup::new(CHAT, Profile::V14, true, &[]).await;
+    s.bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids TEXT[]").await;
+    let r = s.bed.http.post_json(&s.url("/chat_messages"), r#"{"content":"hi","artifact_ids":[]}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let metrics = s.guard.metrics.render(true, 0);
+    for expected in [
+        "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"} 1",
+        "pgrst_guard_notifies_sent_total 1",
+        "pgrst_guard_catalog_checks_total{result=\"exists\"} 1",
+        "pgrst_guard_responses_total{status=\"201\"} 1",
+        "pgrst_guard_heal_wait_seconds_count 1",
+        "pgrst_guard_upstream_latency_seconds_count 2",
+    ] {
+        assert!(metrics.contains(expected), "missing {expected}:\n{metrics}");
+    }
+}
+
+#[tokio::test]
 async fn new_column_heals_without_admin() {
     artifact_ids_case(Profile::V14, false).await;
 }

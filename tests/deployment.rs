@@ -1,0 +1,98 @@
+//! What can be checked of the Docker deployment without a Docker engine: the compose file parses,
+//! its services, ports and environment agree with each other and with the guard's configuration
+//! keys, the Dockerfile is multi-stage, non-root and health-checked, and the demo's SQL heals as the
+//! README says.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use http::StatusCode;
+use pgrst_guard::config::{Config, RawConfig, KEYS};
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn environment(service: &Yaml) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_hash()
+        .expect("environment as a map")
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Yaml::String(s) => s.clone(),
+                Yaml::Integer(i) => i.to_string(),
+                other => panic!("unexpected value {other:?}"),
+            };
+            (k.as_str().unwrap().to_string(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_compose_file_wires_the_guard_to_postgrest_and_postgres() {
+    let docs = YamlLoader::load_from_str(&read("docker-compose.yml")).expect("docker-compose.yml parses");
+    let services = &docs[0]["services"];
+    let (db, rest, guard) = (&services["db"], &services["rest"], &services["guard"]);
+    assert!(db["image"].as_str().unwrap().starts_with("postgres:"));
+    assert!(rest["image"].as_str().unwrap().starts_with("postgrest/postgrest:"));
+    assert_eq!(guard["build"].as_str(), Some("."));
+
+    let rest_env = environment(rest);
+    let guard_env = environment(guard);
+    for key in guard_env.keys() {
+        assert!(KEYS.iter().any(|k| k.env == key), "{key} is not a pgrst-guard key");
+    }
+    let config = Config::from_raw(&guard_env.clone().into_iter().collect::<RawConfig>())
+        .expect("the guard's environment is valid");
+    assert_eq!(config.upstream.to_string(), format!("http://rest:{}", rest_env["PGRST_SERVER_PORT"]));
+    assert_eq!(
+        config.upstream_admin.unwrap().to_string(),
+        format!("http://rest:{}", rest_env["PGRST_ADMIN_SERVER_PORT"])
+    );
+    assert_eq!(config.db_channel, rest_env["PGRST_DB_CHANNEL"]);
+    assert_eq!(config.db_schemas.join(","), rest_env["PGRST_DB_SCHEMAS"]);
+    assert!(guard_env["PGRST_GUARD_DB_URI"].contains("@db:5432/postgres"));
+    assert!(rest_env["PGRST_DB_URI"].contains("@db:5432/postgres"), "NOTIFY goes to the database PostgREST listens on");
+
+    let ports: Vec<&str> = guard["ports"].as_vec().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(ports.contains(&format!("{0}:{0}", config.listen.port()).as_str()), "{ports:?}");
+    assert!(ports.contains(&format!("{0}:{0}", config.admin_listen.unwrap().port()).as_str()), "{ports:?}");
+    let mounts: Vec<&str> = db["volumes"].as_vec().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    for mount in mounts {
+        let file = mount.split(':').next().unwrap().trim_start_matches("./");
+        assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file).exists(), "{file} is missing");
+    }
+}
+
+#[test]
+fn the_dockerfile_is_multi_stage_non_root_and_health_checked() {
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.lines().filter(|l| l.starts_with("FROM ")).count() >= 2, "multi-stage");
+    let user = dockerfile.lines().rev().find(|l| l.starts_with("USER ")).expect("a USER line");
+    assert!(!user.contains("root") && user.trim() != "USER 0", "{user}");
+    let healthcheck = dockerfile.lines().skip_while(|l| !l.starts_with("HEALTHCHECK")).take(2).collect::<String>();
+    assert!(healthcheck.contains("/healthz"), "{healthcheck}");
+    assert!(dockerfile.contains("EXPOSE 8080 8081"));
+    assert!(dockerfile.contains("PGRST_GUARD_ADMIN_LISTEN=0.0.0.0:8081"));
+}
+
+#[tokio::test]
+async fn the_demo_migration_heals_as_the_readme_says() {
+    let bed = support::TestBed::start(&read("docker/init.sql")).await;
+    let guard = support::guard::start_guard(
+        &bed.double.url(),
+        &bed.pg.uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.double.admin_url())],
+    )
+    .await;
+    bed.pg.sql(&read("docker/migration.sql")).await;
+    let r = bed
+        .http
+        .post_json(&format!("{}/chat_messages", guard.url()), r#"{"content":"hi","artifact_ids":["a1"]}"#)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
+}
