@@ -157,6 +157,11 @@ impl PostgrestDouble {
         self.state.reload.notifications_received.load(Ordering::Acquire)
     }
 
+    /// Duration of the last completed load (start to swap).
+    pub fn last_load_duration(&self) -> Duration {
+        Duration::from_micros(self.state.reload.last_load_micros.load(Ordering::Acquire))
+    }
+
     pub fn is_listening(&self) -> bool {
         self.state.reload.listener_up.load(Ordering::Acquire)
     }

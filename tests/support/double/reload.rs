@@ -31,6 +31,8 @@ pub struct ReloadState {
     pub fail_next: AtomicUsize,
     pub load_delay_ms: AtomicU64,
     pub loaded: Notify,
+    /// How long the last load took, from its start to the swap (microseconds).
+    pub last_load_micros: AtomicU64,
 }
 
 impl ReloadState {
@@ -56,7 +58,9 @@ pub async fn run_loader(state: Arc<State>) {
             state.reload.wake.notified().await;
         }
         state.reload.loading.store(true, Ordering::Release);
+        let started = std::time::Instant::now();
         load_until_success(&state).await;
+        state.reload.last_load_micros.store(started.elapsed().as_micros() as u64, Ordering::Release);
         state.reload.loading.store(false, Ordering::Release);
         tokio::time::sleep(DEBOUNCE).await;
     }

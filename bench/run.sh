@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The benchmark: the upstream directly, through pgrst-guard and through nginx (proxy_pass with
+# upstream keep-alive), on the same upstreams in one run; then memory, then heal cost.
+#   bash bench/run.sh            (DURATION=10 seconds per load run by default)
+# Installs wrk and nginx from Debian when missing. Writes bench/results-latest.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+OUT=bench/results-latest.md
+WORK=$(mktemp -d /tmp/pgrst-guard-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -n "${PGDATA_DIR:-}" ] && as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "installing $2"; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+need wrk wrk
+need nginx nginx
+need curl curl
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+echo "building (release)"
+cargo build --release --quiet --bin pgrst-guard --example postgrest_double --example bench_heal
+
+# PostgreSQL
+PG_BIN=$(pg_config --bindir); [ -x "$PG_BIN/initdb" ] || PG_BIN=/usr/lib/postgresql/15/bin
+PGDATA_DIR=$WORK/pg; PG_PORT=$(free_port)
+mkdir -p "$PGDATA_DIR"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$PGDATA_DIR"
+as_postgres "$PG_BIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust --no-sync >/dev/null
+as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PGDATA_DIR/log" -w -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+DB_URI="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+psql -q "$DB_URI" -c "CREATE TABLE bench_items (id int PRIMARY KEY, name text, created_at timestamptz DEFAULT '2026-01-01');
+                      INSERT INTO bench_items (id, name) SELECT g, 'item ' || g FROM generate_series(1, 3) g;"
+
+# The PostgREST double
+DOUBLE_PORT=$(free_port); DOUBLE_ADMIN=$(free_port)
+target/release/examples/postgrest_double --db-uri "$DB_URI" --port "$DOUBLE_PORT" --admin-port "$DOUBLE_ADMIN" --pool-size 20 >"$WORK/double.log" 2>&1 &
+PIDS+=($!); wait_port "$DOUBLE_PORT"
+
+# nginx: the static origin, and the two proxies
+ORIGIN_PORT=$(free_port); NGINX_STATIC=$(free_port); NGINX_DOUBLE=$(free_port)
+BODY='[{"id":1,"name":"item 1","created_at":"2026-01-01T00:00:00+00:00"},{"id":2,"name":"item 2","created_at":"2026-01-01T00:00:00+00:00"}]'
+cat >"$WORK/nginx.conf" <<CONF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
+  upstream double { server 127.0.0.1:$DOUBLE_PORT; keepalive 128; }
+  server { listen 127.0.0.1:$ORIGIN_PORT; location / { default_type "application/json; charset=utf-8"; return 200 '$BODY'; } }
+  server { listen 127.0.0.1:$NGINX_STATIC; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$NGINX_DOUBLE; location / { proxy_pass http://double; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+CONF
+nginx -c "$WORK/nginx.conf" -p "$WORK"
+wait_port "$ORIGIN_PORT"; wait_port "$NGINX_STATIC"; wait_port "$NGINX_DOUBLE"
+
+# pgrst-guard, one in front of each upstream
+GUARD_STATIC=$(free_port); GUARD_DOUBLE=$(free_port)
+PGRST_GUARD_LOG_LEVEL=warn target/release/pgrst-guard --listen "127.0.0.1:$GUARD_STATIC" --upstream "http://127.0.0.1:$ORIGIN_PORT" --db-uri "$DB_URI" >"$WORK/guard-static.log" 2>&1 &
+GUARD_STATIC_PID=$!; PIDS+=($GUARD_STATIC_PID)
+PGRST_GUARD_LOG_LEVEL=warn target/release/pgrst-guard --listen "127.0.0.1:$GUARD_DOUBLE" --upstream "http://127.0.0.1:$DOUBLE_PORT" --upstream-admin "http://127.0.0.1:$DOUBLE_ADMIN" --db-uri "$DB_URI" >"$WORK/guard-double.log" 2>&1 &
+PIDS+=($!)
+wait_port "$GUARD_STATIC"; wait_port "$GUARD_DOUBLE"
+sleep 1
+IDLE_KB=$(rss_kb "$GUARD_STATIC_PID")
+
+# wrk's latency lines look like "50%  123.00us"; print them in microseconds.
+to_us() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v*1000 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000000 } }'; }
+declare -A RPS P50 P99
+run_wrk() { # name url connections
+  local threads=1; [ "$3" -gt 1 ] && threads=2
+  local out; out=$(wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency "$2")
+  RPS[$1/$3]=$(awk '/^Requests\/sec/ {printf "%d", $2}' <<<"$out")
+  P50[$1/$3]=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
+  P99[$1/$3]=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
+  printf '  %-14s c=%-3s %8s req/s  p50 %8s us  p99 %8s us\n' "$1" "$3" "${RPS[$1/$3]}" "${P50[$1/$3]}" "${P99[$1/$3]}"
+}
+echo "load: wrk, ${DURATION}s per run"
+for c in 1 32; do
+  run_wrk static-direct "http://127.0.0.1:$ORIGIN_PORT/bench_items" "$c"
+  run_wrk static-guard "http://127.0.0.1:$GUARD_STATIC/bench_items" "$c"
+  run_wrk static-nginx "http://127.0.0.1:$NGINX_STATIC/bench_items" "$c"
+  run_wrk double-direct "http://127.0.0.1:$DOUBLE_PORT/bench_items" "$c"
+  run_wrk double-guard "http://127.0.0.1:$GUARD_DOUBLE/bench_items" "$c"
+  run_wrk double-nginx "http://127.0.0.1:$NGINX_DOUBLE/bench_items" "$c"
+done
+
+# Memory of the static-origin guard: idle (above), 1,000 keep-alive connections, 100 MiB upload.
+ulimit -n 65536 2>/dev/null || true
+python3 bench/hold_connections.py 127.0.0.1 "$GUARD_STATIC" 1000 /bench_items < <(sleep 600) >"$WORK/hold.out" 2>&1 &
+HOLD_PID=$!
+for _ in $(seq 1 200); do grep -q ready "$WORK/hold.out" 2>/dev/null && break; sleep 0.05; done
+CONN_KB=$(rss_kb "$GUARD_STATIC_PID")
+kill "$HOLD_PID" 2>/dev/null || true
+sleep 1
+head -c $((100 * 1024 * 1024)) /dev/zero >"$WORK/upload.bin"
+BEFORE_HWM=$(hwm_kb "$GUARD_STATIC_PID"); BEFORE_RSS=$(rss_kb "$GUARD_STATIC_PID")
+curl -s -o /dev/null -w '%{http_code}' --data-binary @"$WORK/upload.bin" -H 'content-type: application/octet-stream' "http://127.0.0.1:$GUARD_STATIC/bench_items" >"$WORK/upload.status"
+AFTER_HWM=$(hwm_kb "$GUARD_STATIC_PID")
+UPLOAD_GROWTH_KB=$(( AFTER_HWM > BEFORE_RSS ? AFTER_HWM - BEFORE_RSS : 0 ))
+
+echo "heal cost"
+HEAL_TABLE=$(target/release/examples/bench_heal 2>/dev/null)
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
+{
+  echo "## Latest run ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per load run)"
+  echo
+  echo "| upstream | conns | direct req/s | guard req/s | nginx req/s | guard/nginx | guard/direct | p50 direct / guard / nginx (us) | p99 direct / guard / nginx (us) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for up in static double; do for c in 1 32; do
+    echo "| $up | $c | ${RPS[$up-direct/$c]} | ${RPS[$up-guard/$c]} | ${RPS[$up-nginx/$c]} | $(ratio "${RPS[$up-guard/$c]}" "${RPS[$up-nginx/$c]}") | $(ratio "${RPS[$up-guard/$c]}" "${RPS[$up-direct/$c]}") | ${P50[$up-direct/$c]} / ${P50[$up-guard/$c]} / ${P50[$up-nginx/$c]} | ${P99[$up-direct/$c]} / ${P99[$up-guard/$c]} / ${P99[$up-nginx/$c]} |"
+  done; done
+  echo
+  echo "Guard p50 over direct at 1 connection: static $(diff_us "${P50[static-guard/1]}" "${P50[static-direct/1]}") us, double $(diff_us "${P50[double-guard/1]}" "${P50[double-direct/1]}") us."
+  echo
+  echo "| memory (guard in front of the static origin) | resident |"
+  echo "|---|---|"
+  echo "| idle | $((IDLE_KB / 1024)) MiB |"
+  echo "| 1,000 open keep-alive connections | $((CONN_KB / 1024)) MiB |"
+  echo "| peak growth during a 100 MiB upload (HTTP $(cat "$WORK/upload.status")) | $((UPLOAD_GROWTH_KB / 1024)) MiB |"
+  echo
+  echo "Heal cost (stale-cache error to replayed answer, minus the double's own load time):"
+  echo
+  echo "$HEAL_TABLE"
+} | tee "$OUT"
