@@ -59,8 +59,8 @@ http {
   access_log off;
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
   upstream double { server 127.0.0.1:$DOUBLE_PORT; keepalive 128; }
-  server { listen 127.0.0.1:$ORIGIN_PORT; location / { default_type "application/json; charset=utf-8"; return 200 '$BODY'; } }
-  server { listen 127.0.0.1:$NGINX_STATIC; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$ORIGIN_PORT; client_max_body_size 0; location / { default_type "application/json; charset=utf-8"; return 200 '$BODY'; } }
+  server { listen 127.0.0.1:$NGINX_STATIC; client_max_body_size 0; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
   server { listen 127.0.0.1:$NGINX_DOUBLE; location / { proxy_pass http://double; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 CONF
@@ -89,7 +89,7 @@ run_wrk() { # name url connections
   printf '  %-14s c=%-3s %8s req/s  p50 %8s us  p99 %8s us\n' "$1" "$3" "${RPS[$1/$3]}" "${P50[$1/$3]}" "${P99[$1/$3]}"
 }
 echo "load: wrk, ${DURATION}s per run"
-for c in 1 32; do
+for c in ${CONNECTIONS:-1 32}; do
   run_wrk static-direct "http://127.0.0.1:$ORIGIN_PORT/bench_items" "$c"
   run_wrk static-guard "http://127.0.0.1:$GUARD_STATIC/bench_items" "$c"
   run_wrk static-nginx "http://127.0.0.1:$NGINX_STATIC/bench_items" "$c"
@@ -113,7 +113,7 @@ AFTER_HWM=$(hwm_kb "$GUARD_STATIC_PID")
 UPLOAD_GROWTH_KB=$(( AFTER_HWM > BEFORE_RSS ? AFTER_HWM - BEFORE_RSS : 0 ))
 
 echo "heal cost"
-HEAL_TABLE=$(target/release/examples/bench_heal 2>/dev/null)
+HEAL_TABLE=$(target/release/examples/bench_heal 2>"$WORK/heal.log")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }

@@ -51,6 +51,8 @@ async fn measure(load_delay: Duration, with_admin: bool) -> (f64, f64, f64, f64)
 
 #[tokio::main]
 async fn main() {
+    // Logs of the test bed go to stderr; stdout is the table.
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
     println!("| double's load time | admin URL | heals | heal total p50 | total p99 | overhead p50 | overhead p99 |");
     println!("|---|---|---|---|---|---|---|");
     for delay in [0u64, 200] {

@@ -124,6 +124,11 @@ impl GuardError {
 
     /// The answer for the client. `request_headers` decide the CORS headers.
     pub fn into_response(self, request_headers: &HeaderMap) -> Response<GuardBody> {
+        self.into_response_for(request_headers.get(header::ORIGIN))
+    }
+
+    /// The answer for a client that sent `origin` (browsers do; CORS headers follow from it).
+    pub fn into_response_for(self, origin: Option<&HeaderValue>) -> Response<GuardBody> {
         let (status, code, message, hint, proxy_error) = self.parts();
         let body = serde_json::to_vec(&ErrorBody { code, details: &self.details, hint, message })
             .expect("error body serializes");
@@ -135,15 +140,15 @@ impl GuardError {
             "proxy-status",
             HeaderValue::from_str(&format!("pgrst-guard; error={proxy_error}; details=\"{code}\"")).expect("ascii"),
         );
-        add_cors_headers(headers, request_headers);
+        add_cors_headers(headers, origin);
         response
     }
 }
 
 /// CORS for answers the guard makes itself, mirroring what PostgREST sends on its own answers, so
 /// a browser can read the error instead of reporting an opaque network failure.
-pub fn add_cors_headers(headers: &mut HeaderMap, request_headers: &HeaderMap) {
-    if let Some(origin) = request_headers.get(header::ORIGIN) {
+pub fn add_cors_headers(headers: &mut HeaderMap, origin: Option<&HeaderValue>) {
+    if let Some(origin) = origin {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
         headers.insert(

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,7 +23,6 @@ use tower::{Service, ServiceExt};
 use crate::body::{GuardBody, RequestBody};
 use crate::error::{GuardError, GuardErrorKind};
 use crate::metrics::Metrics;
-use crate::upstream::ClientAddr;
 
 /// What one client may hold and send.
 #[derive(Clone, Debug)]
@@ -124,7 +123,10 @@ where
     S: Service<Request<RequestBody>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
+    // Made once per connection: every request on it comes from the same address.
+    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
     service_fn(move |request: Request<Incoming>| {
+        let client_ip = client_ip.clone();
         let service = service.clone();
         let metrics = metrics.clone();
         let limits = limits.clone();
@@ -134,7 +136,7 @@ where
                 Some(error) => error.into_response(request.headers()),
                 None => {
                     let (mut parts, body) = request.into_parts();
-                    parts.extensions.insert(ClientAddr(peer));
+                    add_forwarded_for(&mut parts.headers, &client_ip);
                     let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
                     service.oneshot(request).await?
                 }
@@ -147,8 +149,27 @@ where
     })
 }
 
+/// Appends the client's address to `X-Forwarded-For`.
+fn add_forwarded_for(headers: &mut http::HeaderMap, client_ip: &HeaderValue) {
+    let name = header::HeaderName::from_static("x-forwarded-for");
+    let appended = headers.get(&name).map(|previous| {
+        let mut value = previous.as_bytes().to_vec();
+        value.extend_from_slice(b", ");
+        value.extend_from_slice(client_ip.as_bytes());
+        HeaderValue::from_bytes(&value)
+    });
+    match appended {
+        Some(Ok(value)) => {
+            headers.insert(name, value);
+        }
+        Some(Err(_)) | None => {
+            headers.insert(name, client_ip.clone());
+        }
+    }
+}
+
 fn over_limits(request: &Request<Incoming>, limits: &ServerLimits) -> Option<GuardError> {
-    let header_bytes: usize = request.uri().to_string().len()
+    let header_bytes: usize = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
         + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
     if header_bytes > limits.max_header_bytes {
         return Some(GuardError::new(

@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,10 +23,6 @@ use crate::error::{GuardError, GuardErrorKind};
 use crate::metrics::Metrics;
 use crate::tls::{upstream_connector, UpstreamConnector};
 
-/// The client's address, put on each request by the server.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
 /// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -47,6 +42,7 @@ pub struct Forwarder<B> {
     /// Pass `Upgrade` requests (WebSockets) through as a tunnel.
     upgrades: bool,
     metrics: Option<Arc<Metrics>>,
+    host_header: HeaderValue,
 }
 
 impl<B> Clone for Forwarder<B> {
@@ -57,6 +53,7 @@ impl<B> Clone for Forwarder<B> {
             response_timeout: self.response_timeout,
             upgrades: self.upgrades,
             metrics: self.metrics.clone(),
+            host_header: self.host_header.clone(),
         }
     }
 }
@@ -79,6 +76,8 @@ where
             response_timeout: config.upstream_timeout,
             upgrades: false,
             metrics: None,
+            host_header: HeaderValue::from_str(upstream.authority.as_str())
+                .expect("an authority is a valid header value"),
         }
     }
 
@@ -97,33 +96,37 @@ where
     /// Where a request goes: the configured base plus the request's path and query.
     pub fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path_and_query =
-            if path_and_query.starts_with('/') { path_and_query.to_string() } else { format!("/{path_and_query}") };
+        let mut target = String::with_capacity(self.upstream.path_prefix.len() + path_and_query.len() + 1);
+        target.push_str(&self.upstream.path_prefix);
+        if !path_and_query.starts_with('/') {
+            target.push('/');
+        }
+        target.push_str(path_and_query);
         Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
-            .path_and_query(format!("{}{}", self.upstream.path_prefix, path_and_query))
+            .path_and_query(target)
             .build()
     }
 
     async fn forward(self, mut request: Request<B>) -> Response<GuardBody> {
-        let request_headers = request.headers().clone();
-        let upgrade = if self.upgrades { requested_upgrade(&request_headers) } else { None };
+        // Only the Origin is needed later, for the CORS headers of an answer the guard makes itself.
+        let origin = request.headers().get(header::ORIGIN).cloned();
+        let upgrade = if self.upgrades { requested_upgrade(request.headers()) } else { None };
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        let original_authority = parts.uri.authority().map(|a| a.to_string());
+        let original_host = match parts.headers.get(header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         parts.uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return GuardError::new(GuardErrorKind::MalformedRequest, e.to_string()).into_response(&request_headers)
+                return GuardError::new(GuardErrorKind::MalformedRequest, e.to_string())
+                    .into_response_for(origin.as_ref())
             }
         };
-        let client_addr = parts.extensions.get::<ClientAddr>().copied();
-        let original_host = request_headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| original_authority.and_then(|a| HeaderValue::from_str(&a).ok()));
-        prepare_request_headers(&mut parts.headers, &self.upstream, client_addr, original_host);
+        prepare_request_headers(&mut parts.headers, &self.host_header, original_host);
         if let Some(protocol) = &upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
@@ -147,12 +150,12 @@ where
                 Response::from_parts(parts, body.map_err(BoxError::from).boxed())
             }
             Ok(Err(e)) if caused_by_body_limit(&e) => {
-                GuardError::new(GuardErrorKind::BodyTooLarge, error_chain(&e)).into_response(&request_headers)
+                GuardError::new(GuardErrorKind::BodyTooLarge, error_chain(&e)).into_response_for(origin.as_ref())
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
-                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e)).into_response(&request_headers)
+                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e)).into_response_for(origin.as_ref())
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
@@ -160,7 +163,7 @@ where
                     GuardErrorKind::UpstreamTimeout,
                     format!("No answer from {} within {} ms.", self.upstream, self.response_timeout.as_millis()),
                 )
-                .into_response(&request_headers)
+                .into_response_for(origin.as_ref())
             }
         }
     }
@@ -245,31 +248,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Hop-by-hop headers out; `Host` becomes the upstream's; `X-Forwarded-*` say where it came from.
-fn prepare_request_headers(
-    headers: &mut HeaderMap,
-    upstream: &UpstreamUrl,
-    client: Option<ClientAddr>,
-    original_host: Option<HeaderValue>,
-) {
+/// Hop-by-hop headers out; `Host` becomes the upstream's; `X-Forwarded-Host` and `-Proto` say
+/// where the request came from (`X-Forwarded-For` is set where the connection is accepted).
+fn prepare_request_headers(headers: &mut HeaderMap, upstream_host: &HeaderValue, original_host: Option<HeaderValue>) {
     strip_hop_by_hop(headers);
     if let Some(host) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    if let Some(ClientAddr(addr)) = client {
-        let ip = addr.ip().to_string();
-        let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(previous) => format!("{previous}, {ip}"),
-            None => ip,
-        };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static("x-forwarded-for"), value);
-        }
-    }
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
     }
-    if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
-        headers.insert(header::HOST, host);
-    }
+    headers.insert(header::HOST, upstream_host.clone());
 }

@@ -71,11 +71,7 @@ struct PostgrestError {
 }
 
 /// Classifies `response`; an error body that was read is put back, so the answer is whole either way.
-pub async fn inspect<B>(response: Response<B>, method: &Method) -> (Response<GuardBody>, Verdict)
-where
-    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
-    B::Error: Into<crate::body::BoxError>,
-{
+pub async fn inspect(response: Response<GuardBody>, method: &Method) -> (Response<GuardBody>, Verdict) {
     let status = response.status();
     let proxy_status_code = proxy_status_error(&response);
     let worth_reading = match &proxy_status_code {
@@ -90,7 +86,7 @@ where
             Some(code) => code_verdict(code, None),
             None => Verdict::PassThrough,
         };
-        return (response.map(|b| b.map_err(Into::into).boxed()), verdict);
+        return (response, verdict);
     }
     let (parts, body) = response.into_parts();
     match read_capped(body, ERROR_BODY_CAP).await {
@@ -301,12 +297,12 @@ mod tests {
         assert!(matches!(code_verdict("PGRST204", None), Verdict::Stale { code: StaleCode::Column, .. }));
     }
 
-    fn response(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<http_body_util::Full<Bytes>> {
+    fn response(status: u16, headers: &[(&str, &str)], body: &'static str) -> Response<GuardBody> {
         let mut builder = Response::builder().status(status);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        builder.body(http_body_util::Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+        builder.body(full(Bytes::from_static(body.as_bytes()))).unwrap()
     }
 
     #[tokio::test]

@@ -21,13 +21,15 @@ pub struct Tape {
 /// The heal service's handle on a recording.
 #[derive(Clone, Debug)]
 pub struct Recording {
-    tape: Arc<Mutex<Tape>>,
+    /// None for a body that was empty from the start (most reads): nothing to record or share.
+    tape: Option<Arc<Mutex<Tape>>>,
 }
 
 impl Recording {
     /// The whole body, if it was read to its end and fit under the cap.
     pub fn replayable(&self) -> Option<Bytes> {
-        let tape = self.tape.lock().expect("tape lock");
+        let Some(tape) = &self.tape else { return Some(Bytes::new()) };
+        let tape = tape.lock().expect("tape lock");
         if tape.overflowed || !tape.complete {
             return None;
         }
@@ -50,6 +52,7 @@ pin_project! {
     #[project = ReplayBodyProj]
     pub enum ReplayBody<B> {
         Recording { #[pin] inner: B, tape: Arc<Mutex<Tape>>, limit: usize },
+        Passing { #[pin] inner: B },
         Replay { data: Option<Bytes> },
     }
 }
@@ -57,13 +60,16 @@ pin_project! {
 impl<B: Body<Data = Bytes>> ReplayBody<B> {
     /// Wraps `inner`; `limit` is the most bytes kept for a replay.
     pub fn record(inner: B, limit: usize) -> (ReplayBody<B>, Recording) {
+        if inner.is_end_stream() {
+            return (ReplayBody::Passing { inner }, Recording { tape: None });
+        }
         let declared_too_big = inner.size_hint().lower() > limit as u64;
         let tape = Arc::new(Mutex::new(Tape {
             overflowed: declared_too_big,
             complete: inner.is_end_stream(),
             ..Tape::default()
         }));
-        (ReplayBody::Recording { inner, tape: tape.clone(), limit }, Recording { tape })
+        (ReplayBody::Recording { inner, tape: tape.clone(), limit }, Recording { tape: Some(tape) })
     }
 
     pub fn replay(data: Bytes) -> ReplayBody<B> {
@@ -103,20 +109,21 @@ impl<B: Body<Data = Bytes>> Body for ReplayBody<B> {
                 }
                 polled
             }
+            ReplayBodyProj::Passing { inner } => inner.poll_frame(cx),
             ReplayBodyProj::Replay { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReplayBody::Recording { inner, .. } => inner.is_end_stream(),
+            ReplayBody::Recording { inner, .. } | ReplayBody::Passing { inner } => inner.is_end_stream(),
             ReplayBody::Replay { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReplayBody::Recording { inner, .. } => inner.size_hint(),
+            ReplayBody::Recording { inner, .. } | ReplayBody::Passing { inner } => inner.size_hint(),
             ReplayBody::Replay { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

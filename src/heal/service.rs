@@ -21,7 +21,6 @@ use crate::body::GuardBody;
 use crate::metrics::Metrics;
 use crate::reload::coordinator::backoff_wait;
 use crate::reload::{CatalogAnswer, CatalogCheck, ReloadCoordinator, Ticket};
-use crate::upstream::ClientAddr;
 
 pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
 
@@ -62,7 +61,6 @@ struct RequestTemplate {
     uri: Uri,
     version: Version,
     headers: http::HeaderMap,
-    client_addr: Option<ClientAddr>,
 }
 
 impl RequestTemplate {
@@ -72,9 +70,6 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
-        if let Some(addr) = self.client_addr {
-            request.extensions_mut().insert(addr);
-        }
         request
     }
 }
@@ -120,7 +115,6 @@ impl<S> HealService<S> {
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
-            client_addr: parts.extensions.get::<ClientAddr>().copied(),
         };
         let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit);
         let sent_at = Instant::now();
