@@ -141,6 +141,7 @@ pub const KEYS: &[Key] = &[
         Some("30000"),
         "after SIGTERM/SIGINT, how long open requests and heals get to finish",
     ),
+    key("PGRST_GUARD_WORKERS", "workers", Some("0"), "worker threads, each with its own listener and upstream pool (0: one per core)"),
     key("PGRST_GUARD_LOG_FORMAT", "log_format", Some("text"), "log format: text or json"),
     key("PGRST_GUARD_LOG_LEVEL", "log_level", Some("info"), "log filter, e.g. info or pgrst_guard=debug"),
 ];
@@ -367,6 +368,7 @@ pub struct Config {
     /// None: no limit.
     pub max_body_bytes: Option<u64>,
     pub shutdown_timeout: Duration,
+    pub workers: usize,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -556,6 +558,11 @@ impl Config {
             },
             max_body_bytes: Some(number("PGRST_GUARD_MAX_BODY_BYTES")?).filter(|n| *n > 0),
             shutdown_timeout: millis("PGRST_GUARD_SHUTDOWN_TIMEOUT_MS")?,
+            workers: match number("PGRST_GUARD_WORKERS")? {
+                0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+                n if n > 1024 => return Err(error("PGRST_GUARD_WORKERS", "at most 1024")),
+                n => n as usize,
+            },
             log_format,
             log_level,
         })

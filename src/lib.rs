@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use body::RequestBody;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::Layer;
 
@@ -53,6 +53,92 @@ pub struct RunningGuard {
     pub notifier: Arc<Notifier>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Each resolves when its worker thread has drained.
+    workers: Vec<oneshot::Receiver<()>>,
+}
+
+/// What every worker needs to build its own copy of the request path.
+#[derive(Clone)]
+struct ServiceStack {
+    config: Config,
+    https: rustls::ClientConfig,
+    coordinator: Arc<ReloadCoordinator>,
+    policy: HealPolicy,
+    catalog: Option<Arc<CatalogCheck>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ServiceStack {
+    /// gateway → heal layer → forwarder (and the pass-through forwarder in gateway mode).
+    fn build(
+        &self,
+    ) -> impl tower::Service<
+        http::Request<RequestBody>,
+        Response = http::Response<body::GuardBody>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+           + Send
+           + 'static {
+        let config = &self.config;
+        let rest =
+            HealLayer::new(self.coordinator.clone(), self.policy.clone(), self.metrics.clone(), self.catalog.clone())
+                .layer(
+                    Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, config, self.https.clone())
+                        .with_metrics(self.metrics.clone()),
+                );
+        let passthrough = config
+            .passthrough_upstream
+            .as_ref()
+            .map(|origin| Forwarder::<RequestBody>::new(origin, config, self.https.clone()).with_upgrades());
+        Gateway::new(rest, passthrough, config.rest_prefix.clone())
+    }
+}
+
+enum WorkerListener {
+    Bound(std::net::TcpListener),
+    /// Bind another SO_REUSEPORT listener to this address.
+    Join(SocketAddr),
+}
+
+/// Starts worker `index` on a thread of its own; returns once it listens.
+async fn spawn_worker(
+    index: usize,
+    listener: WorkerListener,
+    stack: ServiceStack,
+    limits: ServerLimits,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (ready_tx, ready_rx) = oneshot::channel::<std::io::Result<()>>();
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new().name(format!("pgrst-guard-{index}")).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match listener {
+                WorkerListener::Bound(listener) => tokio::net::TcpListener::from_std(listener),
+                WorkerListener::Join(addr) => server::bind_reusable(addr),
+            };
+            let listener = match listener {
+                Ok(listener) => listener,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let metrics = stack.metrics.clone();
+            server::serve(listener, stack.build(), Some(metrics), signalled(shutdown), limits).await;
+        });
+        let _ = done_tx.send(());
+    })?;
+    ready_rx.await.map_err(|_| std::io::Error::other("worker thread ended before listening"))??;
+    Ok(done_rx)
 }
 
 impl RunningGuard {
@@ -78,32 +164,30 @@ impl RunningGuard {
         };
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
-        let rest = HealLayer::new(coordinator, policy, metrics.clone(), catalog).layer(
-            Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, &config, https.clone())
-                .with_metrics(metrics.clone()),
-        );
-        let passthrough = config
-            .passthrough_upstream
-            .as_ref()
-            .map(|origin| Forwarder::<RequestBody>::new(origin, &config, https.clone()).with_upgrades());
-        let service = Gateway::new(rest, passthrough, config.rest_prefix.clone());
-
-        let listener = server::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
+        let stack =
+            ServiceStack { config: config.clone(), https, coordinator, policy, catalog, metrics: metrics.clone() };
+        let limits = ServerLimits {
+            header_read_timeout: config.header_read_timeout,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max_header_bytes: config.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
+            drain: config.shutdown_timeout,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(server::serve(
-            listener,
-            service,
-            Some(metrics.clone()),
-            signalled(shutdown_rx.clone()),
-            ServerLimits {
-                header_read_timeout: config.header_read_timeout,
-                max_connections: config.max_connections,
-                max_header_bytes: config.max_header_bytes,
-                max_body_bytes: config.max_body_bytes,
-                drain: config.shutdown_timeout,
-            },
-        ))];
+        // One single-threaded runtime per worker, each with its own SO_REUSEPORT listener and its
+        // own upstream connection pool: no work stealing and no shared pool lock on the request path.
+        let first = server::bind_reusable(config.listen)?;
+        let addr = first.local_addr()?;
+        let mut first = Some(first.into_std()?);
+        let mut workers = Vec::new();
+        for index in 0..config.workers {
+            let listener = match first.take() {
+                Some(listener) => WorkerListener::Bound(listener),
+                None => WorkerListener::Join(addr),
+            };
+            workers.push(spawn_worker(index, listener, stack.clone(), limits.clone(), shutdown_rx.clone()).await?);
+        }
+        let mut tasks = Vec::new();
         let mut admin_addr = None;
         if let Some(admin_listen) = config.admin_listen {
             let admin_listener = server::bind(admin_listen).await?;
@@ -123,7 +207,7 @@ impl RunningGuard {
             )));
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.as_ref().map(ToString::to_string), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
-        Ok(RunningGuard { addr, admin_addr, metrics, notifier, shutdown, tasks })
+        Ok(RunningGuard { addr, admin_addr, metrics, notifier, shutdown, tasks, workers })
     }
 
     pub fn url(&self) -> String {
@@ -133,6 +217,9 @@ impl RunningGuard {
     /// Stops accepting and waits for open requests (up to the drain deadline).
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        for worker in self.workers.drain(..) {
+            let _ = worker.await;
+        }
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -141,6 +228,7 @@ impl RunningGuard {
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
         for task in &self.tasks {
             task.abort();
         }

@@ -67,7 +67,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The request path runs on worker threads of its own; this runtime keeps the database connection,
+    // the reload coordination and the admin listener.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     if matches.subcommand_matches("doctor").is_some() {
         let findings = runtime.block_on(pgrst_guard::doctor::run(&config, |finding| println!("{finding}")));
         let failed = findings.iter().any(|f| f.status == pgrst_guard::doctor::Status::Fail);

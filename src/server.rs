@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
     pub header_read_timeout: Duration,
-    pub max_connections: usize,
+    /// Open connections allowed, shared by every listener of the same guard.
+    pub connections: Arc<Semaphore>,
     pub max_header_bytes: usize,
     pub max_body_bytes: Option<u64>,
     /// How long open requests get to finish after the shutdown signal.
@@ -40,7 +41,7 @@ impl ServerLimits {
     pub fn admin() -> ServerLimits {
         ServerLimits {
             header_read_timeout: Duration::from_secs(10),
-            max_connections: 64,
+            connections: Arc::new(Semaphore::new(64)),
             max_header_bytes: 16 * 1024,
             max_body_bytes: Some(0),
             drain: Duration::from_secs(1),
@@ -69,7 +70,7 @@ pub async fn serve<S>(
         .max_buf_size((limits.max_header_bytes + 16 * 1024).max(64 * 1024))
         .max_headers(1000);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32 + 16 * 1024);
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = limits.connections.clone();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -223,4 +224,14 @@ fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+/// A listener that others may join on the same address (SO_REUSEPORT), so that each worker
+/// accepts its own share of the connections. Needs a runtime.
+pub fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
