@@ -2,17 +2,67 @@
 //! guard's own answers are small buffers.
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use http_body_util::{combinators::BoxBody, BodyExt};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type GuardBody = BoxBody<Bytes, BoxError>;
+
+/// The body of every answer: an upstream body as it streams in (the common case, with no box), a
+/// buffer the guard made or read, or any other body, boxed.
+pub enum GuardBody {
+    Upstream(hyper::body::Incoming),
+    Buffered(Option<Bytes>),
+    Boxed(BoxBody<Bytes, BoxError>),
+}
+
+impl GuardBody {
+    pub fn boxed<B>(body: B) -> GuardBody
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        GuardBody::Boxed(body.map_err(Into::into).boxed())
+    }
+}
 
 pub fn full(bytes: impl Into<Bytes>) -> GuardBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    let bytes = bytes.into();
+    GuardBody::Buffered(Some(bytes).filter(|b| !b.is_empty()))
 }
 
 pub fn empty() -> GuardBody {
-    Empty::new().map_err(|never| match never {}).boxed()
+    GuardBody::Buffered(None)
+}
+
+impl http_body::Body for GuardBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            GuardBody::Upstream(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into),
+            GuardBody::Buffered(bytes) => std::task::Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b)))),
+            GuardBody::Boxed(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GuardBody::Upstream(body) => body.is_end_stream(),
+            GuardBody::Buffered(bytes) => bytes.is_none(),
+            GuardBody::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            GuardBody::Upstream(body) => body.size_hint(),
+            GuardBody::Buffered(bytes) => http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            GuardBody::Boxed(body) => body.size_hint(),
+        }
+    }
 }
 
 pin_project_lite::pin_project! {

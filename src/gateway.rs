@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, Uri};
+use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use crate::body::{GuardBody, RequestBody};
@@ -37,7 +38,7 @@ where
 {
     type Response = Response<GuardBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardBody>, Infallible>> + Send>>;
+    type Future = RouteFuture<Oneshot<R, Request<RequestBody>>, Oneshot<P, Request<RequestBody>>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -45,19 +46,47 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let Some(prefix) = &self.rest_prefix else {
-            return Box::pin(self.rest.clone().oneshot(request));
+            return RouteFuture::Rest { inner: self.rest.clone().oneshot(request) };
         };
         if let Some(inner) = strip_prefix(request.uri(), prefix) {
             *request.uri_mut() = inner;
-            return Box::pin(self.rest.clone().oneshot(request));
+            return RouteFuture::Rest { inner: self.rest.clone().oneshot(request) };
         }
         match &self.passthrough {
-            Some(passthrough) => Box::pin(passthrough.clone().oneshot(request)),
+            Some(passthrough) => RouteFuture::Passthrough { inner: passthrough.clone().oneshot(request) },
             None => {
-                let path = request.uri().path().to_string();
+                let path = request.uri().path();
                 let response = GuardError::new(GuardErrorKind::NoRoute, format!("{path} is not under {prefix}."))
                     .into_response(request.headers());
-                Box::pin(async move { Ok(response) })
+                RouteFuture::Answered { response: Some(response) }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The routed request's future, without a box of its own.
+    #[project = RouteFutureProj]
+    pub enum RouteFuture<R, P> {
+        Rest { #[pin] inner: R },
+        Passthrough { #[pin] inner: P },
+        Answered { response: Option<Response<GuardBody>> },
+    }
+}
+
+impl<R, P> Future for RouteFuture<R, P>
+where
+    R: Future<Output = Result<Response<GuardBody>, Infallible>>,
+    P: Future<Output = Result<Response<GuardBody>, Infallible>>,
+{
+    type Output = Result<Response<GuardBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RouteFutureProj::Rest { inner } => inner.poll(cx),
+            RouteFutureProj::Passthrough { inner } => inner.poll(cx),
+            RouteFutureProj::Answered { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
         }
     }

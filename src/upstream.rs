@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
@@ -143,11 +142,11 @@ where
                 if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
-                    return response.map(|body| body.map_err(BoxError::from).boxed());
+                    return response.map(GuardBody::Upstream);
                 }
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+                Response::from_parts(parts, GuardBody::Upstream(body))
             }
             Ok(Err(e)) if caused_by_body_limit(&e) => {
                 GuardError::new(GuardErrorKind::BodyTooLarge, error_chain(&e)).into_response_for(origin.as_ref())

@@ -70,6 +70,22 @@ struct PostgrestError {
     message: Option<String>,
 }
 
+/// True when the head alone says the answer passes through untouched: no PostgREST schema-cache
+/// code in `Proxy-Status` and nothing in the body worth reading. The common case, decided without
+/// touching the body.
+pub fn passes_by_head(response: &Response<GuardBody>, method: &Method) -> bool {
+    match proxy_status_error(response) {
+        Some(code) => code_verdict(&code, None) == Verdict::PassThrough,
+        None => {
+            !matches!(
+                response.status(),
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE
+            ) || !is_json(response)
+                || *method == Method::HEAD
+        }
+    }
+}
+
 /// Classifies `response`; an error body that was read is put back, so the answer is whole either way.
 pub async fn inspect(response: Response<GuardBody>, method: &Method) -> (Response<GuardBody>, Verdict) {
     let status = response.status();
@@ -205,7 +221,7 @@ where
                 let error: crate::body::BoxError = e.into();
                 let prefix = collected.freeze();
                 let failed = futures_util::stream::iter(vec![Ok(http_body::Frame::data(prefix)), Err(error)]);
-                return Err(http_body_util::StreamBody::new(failed).boxed());
+                return Err(GuardBody::boxed(http_body_util::StreamBody::new(failed)));
             }
         };
         if let Some(data) = frame.data_ref() {
@@ -213,7 +229,7 @@ where
             if collected.len() > cap {
                 let prefix = collected.freeze();
                 let head = http_body_util::Full::new(prefix).map_err(|never| match never {});
-                return Err(Chain { head: Some(head), tail: body.map_err(Into::into) }.boxed());
+                return Err(GuardBody::boxed(Chain { head: Some(head), tail: body.map_err(Into::into) }));
             }
         }
     }

@@ -119,7 +119,12 @@ impl<S> HealService<S> {
         let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit);
         let sent_at = Instant::now();
         let first = self.send(Request::from_parts(parts, body)).await;
-        let (response, verdict) = classify::inspect(first, &template.method).await;
+        // Most answers are decided by their head alone; reading an error body and healing are the
+        // rare paths, boxed so that the common request's future stays small.
+        if classify::passes_by_head(&first, &template.method) {
+            return first;
+        }
+        let (response, verdict) = Box::pin(classify::inspect(first, &template.method)).await;
         if verdict == Verdict::PassThrough {
             return response;
         }
@@ -128,7 +133,7 @@ impl<S> HealService<S> {
             self.metrics.heal(verdict_code(&verdict), "not_replayable");
             return response;
         };
-        self.heal(template, replay_body, response, verdict, sent_at).await
+        Box::pin(self.heal(template, replay_body, response, verdict, sent_at)).await
     }
 
     async fn send<B>(&self, request: Request<ReplayBody<B>>) -> Response<GuardBody>
