@@ -72,7 +72,7 @@ pub const KEYS: &[Key] = &[
     key(
         "PGRST_GUARD_ADMIN_POLL_MS",
         "admin_poll_ms",
-        Some("10"),
+        Some("5"),
         "how often the admin /metrics is polled while a reload is awaited",
     ),
     key(
