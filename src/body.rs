@@ -6,6 +6,11 @@ use http_body_util::{combinators::BoxBody, BodyExt};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The future of the guard's boxed services (the heal service, the forwarder).
+pub type GuardFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<http::Response<GuardBody>, std::convert::Infallible>> + Send>,
+>;
+
 /// The body of every answer: an upstream body as it streams in (the common case, with no box), a
 /// buffer the guard made or read, or any other body, boxed.
 pub enum GuardBody {

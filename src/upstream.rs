@@ -2,8 +2,6 @@
 //! configured base and the request's path only (never an open proxy), and header hygiene.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
 
-use crate::body::{BoxError, GuardBody};
+use crate::body::{BoxError, GuardBody, GuardFuture};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::{GuardError, GuardErrorKind};
 use crate::metrics::Metrics;
@@ -175,7 +173,7 @@ where
 {
     type Response = Response<GuardBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardBody>, Infallible>> + Send>>;
+    type Future = GuardFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))

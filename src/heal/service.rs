@@ -2,8 +2,6 @@
 //! reload and replay the request, so the client sees only the healed answer.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,7 +15,7 @@ use tower::{Service, ServiceExt};
 use super::classify::MissingObject;
 use super::classify::{self, Verdict};
 use super::replay_body::ReplayBody;
-use crate::body::GuardBody;
+use crate::body::{GuardBody, GuardFuture};
 use crate::metrics::Metrics;
 use crate::reload::coordinator::backoff_wait;
 use crate::reload::{CatalogAnswer, CatalogCheck, ReloadCoordinator, Ticket};
@@ -74,19 +72,34 @@ impl RequestTemplate {
     }
 }
 
-impl<S, B> Service<Request<B>> for HealService<S>
-where
-    S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
+/// What the heal service wraps (the forwarder): a cloneable service for requests whose body can be
+/// replayed.
+pub trait Forward<B>:
+    Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T, B> Forward<B> for T where
+    T: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible, Future: Send>
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send,
+        + 'static
+{
+}
+
+impl<S, B> Service<Request<B>> for HealService<S>
+where
+    S: Forward<B>,
     B: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<GuardBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardBody>, Infallible>> + Send>>;
+    type Future = GuardFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -101,12 +114,7 @@ where
 impl<S> HealService<S> {
     async fn handle<B>(self, request: Request<B>) -> Response<GuardBody>
     where
-        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send,
+        S: Forward<B>,
         B: Body<Data = Bytes> + Send + 'static,
     {
         let (parts, body) = request.into_parts();
@@ -138,12 +146,7 @@ impl<S> HealService<S> {
 
     async fn send<B>(&self, request: Request<ReplayBody<B>>) -> Response<GuardBody>
     where
-        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send,
+        S: Forward<B>,
         B: Body<Data = Bytes> + Send + 'static,
     {
         match self.inner.clone().oneshot(request).await {
@@ -163,12 +166,7 @@ impl<S> HealService<S> {
         mut sent_at: Instant,
     ) -> Response<GuardBody>
     where
-        S: Service<Request<ReplayBody<B>>, Response = Response<GuardBody>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send,
+        S: Forward<B>,
         B: Body<Data = Bytes> + Send + 'static,
     {
         let started = Instant::now();
