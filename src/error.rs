@@ -158,3 +158,11 @@ pub fn add_cors_headers(headers: &mut HeaderMap, origin: Option<&HeaderValue>) {
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
+
+/// An error and its sources, outermost first: the one walk behind every "was this caused by ..."
+/// question and every error message the guard writes.
+pub fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}

@@ -210,16 +210,7 @@ fn with_spare_handle(stream: TcpStream) -> Option<(TcpStream, std::net::TcpStrea
 }
 
 fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
-            if hyper_error.is_timeout() {
-                return true;
-            }
-        }
-        current = e.source();
-    }
-    false
+    crate::error::causes(error).any(|cause| cause.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout))
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -210,25 +210,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 }
 
 fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(error) = current {
-        if error.is::<crate::body::BodyTooLarge>() {
-            return true;
-        }
-        current = error.source();
-    }
-    false
+    crate::error::causes(e).any(|cause| cause.is::<crate::body::BodyTooLarge>())
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
+    crate::error::causes(e).map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
