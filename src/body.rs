@@ -34,10 +34,6 @@ pub fn full(bytes: impl Into<Bytes>) -> GuardBody {
     GuardBody::Buffered(Some(bytes).filter(|b| !b.is_empty()))
 }
 
-pub fn empty() -> GuardBody {
-    GuardBody::Buffered(None)
-}
-
 impl http_body::Body for GuardBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -133,14 +133,6 @@ impl ReloadCoordinator {
         coordinator
     }
 
-    pub fn notifier(&self) -> &Notifier {
-        &self.notifier
-    }
-
-    pub fn settings(&self) -> &WaitSettings {
-        &self.settings
-    }
-
     async fn observe_external_reload(&self) {
         let mut log = self.flights.lock().await;
         log.retire(self.settings.deadline);
