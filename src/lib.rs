@@ -163,7 +163,7 @@ impl RunningGuard {
             default_schema: config.db_schemas[0].clone(),
         };
         let catalog =
-            config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_remember)));
+            config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_recheck)));
         let stack =
             ServiceStack { config: config.clone(), https, coordinator, policy, catalog, metrics: metrics.clone() };
         let limits = ServerLimits {

@@ -18,6 +18,7 @@ use super::replay_body::ReplayBody;
 use crate::body::{GuardBody, GuardFuture};
 use crate::metrics::Metrics;
 use crate::reload::coordinator::backoff_wait;
+use crate::reload::coordinator::JoinRule;
 use crate::reload::{CatalogAnswer, CatalogCheck, ReloadCoordinator, Ticket};
 
 pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
@@ -185,10 +186,22 @@ impl<S> HealService<S> {
                             let named = with_path_table(named, &template, &schema);
                             object = format!("{named:?}");
                             if let Some(catalog) = &self.catalog {
-                                let answer = catalog.exists(&named, &schema).await;
+                                let answer = catalog.exists(&named, &schema, sent_at, deadline).await;
                                 self.metrics.catalog_check(answer.as_str());
-                                if matches!(answer, CatalogAnswer::Missing | CatalogAnswer::RememberedMissing) {
+                                if answer.is_missing() {
                                     break "client_error";
+                                }
+                                if answer == CatalogAnswer::Unknown {
+                                    // The check is a gate: without its word no reload of our own,
+                                    // but one already under way may still cure this.
+                                    match self.coordinator.join_existing(sent_at, deadline).await {
+                                        Some(joined) => {
+                                            ticket = Some(joined);
+                                            flights = 2;
+                                            attempts_in_flight = 0;
+                                        }
+                                        None => break "unchecked",
+                                    }
                                 }
                             }
                         }
@@ -197,7 +210,12 @@ impl<S> HealService<S> {
                         if flights >= 2 || Instant::now() >= deadline {
                             break "gave_up";
                         }
-                        match self.coordinator.join_or_start(sent_at).await {
+                    }
+                    if ticket.is_none() {
+                        // A second flight must begin after the last replay was sent: only a load
+                        // that starts after that surely sees what the catalog already shows.
+                        let join = if flights == 0 { JoinRule::AnyPending } else { JoinRule::NotifiedAfter };
+                        match self.coordinator.join_or_start(sent_at, deadline, join).await {
                             Ok((joined, sent)) => {
                                 if sent {
                                     self.metrics.notify_sent();
@@ -229,7 +247,7 @@ impl<S> HealService<S> {
                     if replays > 0 {
                         break "passed";
                     }
-                    match self.coordinator.join_existing(sent_at).await {
+                    match self.coordinator.join_existing(sent_at, deadline).await {
                         Some(joined) => {
                             let ready = joined.wait_before_replay(1, deadline).await;
                             ticket = Some(joined);

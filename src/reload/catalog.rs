@@ -17,9 +17,9 @@ use crate::heal::classify::MissingObject;
 pub enum CatalogAnswer {
     Exists,
     Missing,
-    /// A recent check said missing.
-    RememberedMissing,
-    /// The database could not be asked.
+    /// Missing, by a query another request started after this one's answer was requested.
+    SharedMissing,
+    /// The database could not be asked in time.
     Unknown,
 }
 
@@ -28,78 +28,148 @@ impl CatalogAnswer {
         match self {
             CatalogAnswer::Exists => "exists",
             CatalogAnswer::Missing => "missing",
-            CatalogAnswer::RememberedMissing => "remembered_missing",
+            CatalogAnswer::SharedMissing => "shared_missing",
             CatalogAnswer::Unknown => "unknown",
         }
+    }
+
+    pub fn is_missing(self) -> bool {
+        matches!(self, CatalogAnswer::Missing | CatalogAnswer::SharedMissing)
     }
 }
 
 type CheckKey = (String, MissingObject);
 
-pub struct CatalogCheck {
-    database: Arc<Notifier>,
-    remember_missing: Duration,
-    missing: Mutex<HashMap<CheckKey, Instant>>,
-    /// Checks under way, so that a burst of identical errors costs one query.
-    in_flight: Mutex<HashMap<CheckKey, watch::Receiver<Option<CatalogAnswer>>>>,
+/// One catalog query for a key: when it began (no earlier than its snapshot) and, once known, its
+/// answer.
+#[derive(Clone)]
+struct Check {
+    begins: Instant,
+    answer: watch::Receiver<Option<CatalogAnswer>>,
 }
 
-const MAX_REMEMBERED: usize = 10_000;
+/// What is known of one key: the last finished check and the one scheduled or running.
+#[derive(Default)]
+struct KeyChecks {
+    finished: Option<(Instant, CatalogAnswer)>,
+    next: Option<Check>,
+}
+
+/// Why a remembered answer can never outlive the DDL that ends it: an answer is handed only to
+/// requests whose failed answer was requested *before* the query began, so its snapshot is newer
+/// than the cache that failed them. A request sent after a migration committed therefore always gets
+/// an answer that sees the migration. Floods of the same bad request share one query per key per
+/// `recheck` interval, and all keys together at most [`MAX_QUERIES_PER_SECOND`].
+pub struct CatalogCheck {
+    database: Arc<Notifier>,
+    recheck: Duration,
+    keys: Mutex<HashMap<CheckKey, KeyChecks>>,
+    /// When the next query of any key may begin.
+    next_query_slot: Mutex<Instant>,
+}
+
+/// Keys remembered at most; the least recently checked are forgotten first.
+const MAX_KEYS: usize = 10_000;
+/// All catalog queries together, so that random names cannot monopolise the guard's connection.
+pub const MAX_QUERIES_PER_SECOND: u32 = 200;
 
 impl CatalogCheck {
-    pub fn new(database: Arc<Notifier>, remember_missing: Duration) -> CatalogCheck {
+    pub fn new(database: Arc<Notifier>, recheck: Duration) -> CatalogCheck {
         CatalogCheck {
             database,
-            remember_missing,
-            missing: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            recheck,
+            keys: Mutex::new(HashMap::new()),
+            next_query_slot: Mutex::new(Instant::now()),
         }
     }
 
-    /// Does `object` exist? `schema` is the request's schema (Accept-/Content-Profile or the first
-    /// exposed one), used where PostgREST's message does not qualify the name.
-    pub async fn exists(&self, object: &MissingObject, schema: &str) -> CatalogAnswer {
-        let key = (schema.to_string(), object.clone());
-        if let Some(at) = self.missing.lock().expect("catalog lock").get(&key) {
-            if at.elapsed() < self.remember_missing {
-                return CatalogAnswer::RememberedMissing;
-            }
+    /// Does `object` exist, by a catalog snapshot taken after `requested_at` (when the request
+    /// whose answer named it was sent)? `schema` is the request's schema (Accept-/Content-Profile or
+    /// the first exposed one), used where PostgREST's message does not qualify the name. Gives up
+    /// with [`CatalogAnswer::Unknown`] at `deadline`.
+    pub async fn exists(
+        &self,
+        object: &MissingObject,
+        schema: &str,
+        requested_at: Instant,
+        deadline: Instant,
+    ) -> CatalogAnswer {
+        if *object == MissingObject::Unknown {
+            return CatalogAnswer::Unknown;
         }
-        let publish_or_join = {
-            let mut in_flight = self.in_flight.lock().expect("catalog lock");
-            match in_flight.get(&key) {
-                Some(receiver) => Err(receiver.clone()),
-                None => {
-                    let (publish, receiver) = watch::channel(None);
-                    in_flight.insert(key.clone(), receiver);
-                    Ok(publish)
+        let key = (schema.to_string(), object.clone());
+        loop {
+            let (check, runs_it) = {
+                let mut keys = self.keys.lock().expect("catalog lock");
+                let entry = keys.entry(key.clone()).or_default();
+                if let Some((began, answer)) = entry.finished {
+                    if began >= requested_at {
+                        return shared(answer);
+                    }
                 }
-            }
-        };
-        let mut receiver = match publish_or_join {
-            Ok(publish) => {
-                let answer = self.query(object, schema, &key).await;
-                publish.send_replace(Some(answer));
-                self.in_flight.lock().expect("catalog lock").remove(&key);
+                match &entry.next {
+                    Some(check) => (check.clone(), None),
+                    None => {
+                        let earliest = entry.finished.map_or(requested_at, |(began, _)| began + self.recheck);
+                        let begins = earliest.max(Instant::now()).max(requested_at);
+                        let (publish, answer) = watch::channel(None);
+                        let check = Check { begins, answer };
+                        entry.next = Some(check.clone());
+                        let evict = keys.len() > MAX_KEYS;
+                        if evict {
+                            evict_oldest(&mut keys);
+                        }
+                        (check, Some(publish))
+                    }
+                }
+            };
+            if let Some(publish) = runs_it {
+                // Cancellation (the client left) must not leave the key with a check that never
+                // ends: the guard clears it and wakes the joiners whatever happens.
+                let clear = ClearOnDrop { checks: self, key: &key, publish };
+                let answer = tokio::time::timeout_at(deadline, self.run(object, schema, check.begins, deadline))
+                    .await
+                    .unwrap_or(CatalogAnswer::Unknown);
+                clear.finish(check.begins, answer);
                 return answer;
             }
-            Err(receiver) => receiver,
-        };
-        let answer = match receiver.wait_for(Option::is_some).await {
-            Ok(answer) => answer.expect("waited for an answer"),
-            Err(_) => CatalogAnswer::Unknown,
-        };
-        match answer {
-            CatalogAnswer::Missing => CatalogAnswer::RememberedMissing,
-            other => other,
+            if check.begins < requested_at {
+                // That query's snapshot may predate the failed answer: wait it out, then schedule
+                // (or join) the next one.
+                let mut receiver = check.answer.clone();
+                if tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await.is_err() {
+                    return CatalogAnswer::Unknown;
+                }
+                continue;
+            }
+            let mut receiver = check.answer.clone();
+            return match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
+                Ok(Ok(answer)) => shared(answer.expect("waited for an answer")),
+                _ => CatalogAnswer::Unknown,
+            };
         }
     }
 
-    async fn query(&self, object: &MissingObject, schema: &str, key: &CheckKey) -> CatalogAnswer {
+    /// Waits for the key's slot and the global one, then queries.
+    async fn run(&self, object: &MissingObject, schema: &str, begins: Instant, deadline: Instant) -> CatalogAnswer {
+        let slot = {
+            let mut next = self.next_query_slot.lock().expect("catalog lock");
+            let slot = (*next).max(begins);
+            *next = slot + Duration::from_secs(1) / MAX_QUERIES_PER_SECOND;
+            slot
+        };
+        if slot > deadline {
+            return CatalogAnswer::Unknown;
+        }
+        tokio::time::sleep_until(slot).await;
+        self.query(object, schema, deadline).await
+    }
+
+    async fn query(&self, object: &MissingObject, schema: &str, deadline: Instant) -> CatalogAnswer {
         let answer = match object {
             MissingObject::Column { table, column } => {
                 self.database
-                    .query_bool(
+                    .query_bool_until(deadline, 
                         "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped)",
@@ -109,7 +179,7 @@ impl CatalogCheck {
             }
             MissingObject::Table { schema: named, table } => {
                 self.database
-                    .query_bool(
+                    .query_bool_until(deadline, 
                         "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','v','m','f','p'))",
                         &[named, table],
@@ -120,7 +190,7 @@ impl CatalogCheck {
                 // PostgREST matches by name and argument names; a function whose named inputs cover
                 // the request's keys is what a reload would find.
                 self.database
-                    .query_bool(
+                    .query_bool_until(deadline, 
                         "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                          WHERE n.nspname = $1 AND p.proname = $2
                            AND $3::text[] <@ COALESCE(p.proargnames::text[], '{}'))",
@@ -132,7 +202,7 @@ impl CatalogCheck {
                 // A direct foreign key either way, a junction table with keys to both (many-to-many),
                 // or a view on either side (PostgREST infers view relationships from definitions).
                 self.database
-                    .query_bool(
+                    .query_bool_until(deadline, 
                         "WITH rel AS (SELECT c.oid, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                       WHERE n.nspname = $1 AND c.relname IN ($2, $3))
                          SELECT EXISTS (SELECT 1 FROM pg_constraint k JOIN rel a ON a.oid = k.conrelid JOIN rel b ON b.oid = k.confrelid
@@ -149,22 +219,60 @@ impl CatalogCheck {
         };
         match answer {
             Ok(true) => CatalogAnswer::Exists,
-            Ok(false) => {
-                let mut missing = self.missing.lock().expect("catalog lock");
-                if missing.len() >= MAX_REMEMBERED {
-                    let ttl = self.remember_missing;
-                    missing.retain(|_, at| at.elapsed() < ttl);
-                    if missing.len() >= MAX_REMEMBERED {
-                        missing.clear();
-                    }
-                }
-                missing.insert(key.clone(), Instant::now());
-                CatalogAnswer::Missing
-            }
+            Ok(false) => CatalogAnswer::Missing,
             Err(e) => {
                 tracing::warn!(error = %e, "catalog check failed");
                 CatalogAnswer::Unknown
             }
+        }
+    }
+}
+
+/// Joiners of a shared query learn that it was missing from someone else's query.
+fn shared(answer: CatalogAnswer) -> CatalogAnswer {
+    match answer {
+        CatalogAnswer::Missing => CatalogAnswer::SharedMissing,
+        other => other,
+    }
+}
+
+fn evict_oldest(keys: &mut HashMap<CheckKey, KeyChecks>) {
+    let oldest = keys
+        .iter()
+        .filter(|(_, checks)| checks.next.is_none())
+        .min_by_key(|(_, checks)| checks.finished.map(|(began, _)| began))
+        .map(|(key, _)| key.clone());
+    if let Some(key) = oldest {
+        keys.remove(&key);
+    }
+}
+
+/// Ends a key's scheduled check: records its answer (Unknown if the runner was dropped) and wakes
+/// everyone waiting on it.
+struct ClearOnDrop<'a> {
+    checks: &'a CatalogCheck,
+    key: &'a CheckKey,
+    publish: watch::Sender<Option<CatalogAnswer>>,
+}
+
+impl ClearOnDrop<'_> {
+    fn finish(self, began: Instant, answer: CatalogAnswer) {
+        if let Some(entry) = self.checks.keys.lock().expect("catalog lock").get_mut(self.key) {
+            if answer != CatalogAnswer::Unknown {
+                entry.finished = Some((began, answer));
+            }
+        }
+        self.publish.send_replace(Some(answer));
+    }
+}
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.checks.keys.lock().expect("catalog lock").get_mut(self.key) {
+            entry.next = None;
+        }
+        if self.publish.borrow().is_none() {
+            self.publish.send_replace(Some(CatalogAnswer::Unknown));
         }
     }
 }

@@ -57,15 +57,29 @@ impl FlightLog {
     }
 
     /// The reload a request whose answer was sent at `sent_at` can wait on without a new NOTIFY.
-    fn existing(&self, sent_at: Instant) -> Option<Ticket> {
+    fn existing(&self, sent_at: Instant, join: JoinRule) -> Option<Ticket> {
         if let Some(flight) = &self.pending {
-            return Some(Ticket::Flight(flight.clone()));
+            if join == JoinRule::AnyPending || flight.notified_at >= sent_at {
+                return Some(Ticket::Flight(flight.clone()));
+            }
+            return None;
         }
         if self.last_completed.is_some_and(|done| done > sent_at) {
             return Some(Ticket::AlreadyReloaded);
         }
         None
     }
+}
+
+/// Which pending reload a request may join.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinRule {
+    /// Any: PostgREST's debounce makes the load after the pending NOTIFY end at the first or second
+    /// rise, and a request failing meanwhile most likely failed for the same migration.
+    AnyPending,
+    /// Only one whose NOTIFY came after the request was sent, so its load surely started later
+    /// than everything the request depends on.
+    NotifiedAfter,
 }
 
 /// One reload request (ours or someone else's) and everything that waits on it.
@@ -93,12 +107,15 @@ pub enum Ticket {
 #[derive(Debug)]
 pub enum ReloadError {
     Notify(NotifyError),
+    /// The reload budget or the database would take us past the heal deadline.
+    Deadline,
 }
 
 impl std::fmt::Display for ReloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReloadError::Notify(e) => write!(f, "{e}"),
+            ReloadError::Deadline => write!(f, "no reload possible before the heal deadline"),
         }
     }
 }
@@ -139,45 +156,60 @@ impl ReloadCoordinator {
         if log.pending.is_some() {
             return;
         }
-        let baseline = self.read_baseline().await;
+        let deadline = Instant::now() + self.settings.deadline;
+        let baseline = self.read_baseline(deadline).await;
         log.pending = Some(self.new_flight(baseline));
     }
 
     /// A reload already pending, or finished since `sent_at`; never sends a NOTIFY. For errors
-    /// that only a reload in progress explains (42P01, 42703, 42883).
-    pub async fn join_existing(&self, sent_at: Instant) -> Option<Ticket> {
-        let mut log = self.flights.lock().await;
+    /// that only a reload in progress explains (42P01, 42703, 42883), and for stale errors the
+    /// catalog could not confirm.
+    pub async fn join_existing(&self, sent_at: Instant, deadline: Instant) -> Option<Ticket> {
+        let mut log = tokio::time::timeout_at(deadline, self.flights.lock()).await.ok()?;
         log.retire(self.settings.deadline);
-        log.existing(sent_at)
+        log.existing(sent_at, JoinRule::AnyPending)
     }
 
-    /// Joins the pending reload, or starts one, for an answer that was requested at `sent_at`.
-    /// Returns whether this call sent the NOTIFY.
-    pub async fn join_or_start(&self, sent_at: Instant) -> Result<(Ticket, bool), ReloadError> {
-        let mut log = self.flights.lock().await;
+    /// Joins the pending reload (as `join` allows), or starts one, for an answer that was requested
+    /// at `sent_at`. Returns whether this call sent the NOTIFY. Every step ends by `deadline`.
+    pub async fn join_or_start(
+        &self,
+        sent_at: Instant,
+        deadline: Instant,
+        join: JoinRule,
+    ) -> Result<(Ticket, bool), ReloadError> {
+        let mut log = tokio::time::timeout_at(deadline, self.flights.lock()).await.map_err(|_| ReloadError::Deadline)?;
         log.retire(self.settings.deadline);
-        if let Some(ticket) = log.existing(sent_at) {
+        if let Some(ticket) = log.existing(sent_at, join) {
             return Ok((ticket, false));
         }
         if let Some(last) = log.last_notify {
             // The reload budget. The lock stays held, so whoever fails meanwhile queues here and
             // then joins the flight this call starts.
-            tokio::time::sleep_until(last + self.settings.min_interval).await;
+            let allowed = last + self.settings.min_interval;
+            if allowed >= deadline {
+                return Err(ReloadError::Deadline);
+            }
+            tokio::time::sleep_until(allowed).await;
         }
-        let baseline = self.read_baseline().await;
-        self.notifier.notify_reload().await.map_err(ReloadError::Notify)?;
+        let baseline = self.read_baseline(deadline).await;
+        self.notifier.notify_reload(deadline).await.map_err(ReloadError::Notify)?;
         log.last_notify = Some(Instant::now());
         let flight = self.new_flight(baseline);
         log.pending = Some(flight.clone());
         Ok((Ticket::Flight(flight), true))
     }
 
-    async fn read_baseline(&self) -> Option<u64> {
+    async fn read_baseline(&self, deadline: Instant) -> Option<u64> {
         let counter = self.load_counter.as_ref()?;
-        match counter.successful_loads().await {
-            Ok(count) => Some(count),
-            Err(e) => {
+        match tokio::time::timeout_at(deadline, counter.successful_loads()).await {
+            Ok(Ok(count)) => Some(count),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("PostgREST's load counter did not answer before the deadline; waiting with back-off instead");
                 None
             }
         }

@@ -85,20 +85,34 @@ impl Notifier {
 
     /// `pg_notify` takes the channel as a value: no identifier quoting to get wrong, and the name
     /// stays case-sensitive as PostgREST's quoted LISTEN expects.
-    pub async fn notify_reload(&self) -> Result<(), NotifyError> {
-        self.query_bool("SELECT pg_notify($1, 'reload schema') IS NULL", &[&self.channel]).await?;
+    pub async fn notify_reload(&self, deadline: tokio::time::Instant) -> Result<(), NotifyError> {
+        self.query_bool_until(deadline, "SELECT pg_notify($1, 'reload schema') IS NULL", &[&self.channel]).await?;
         self.sent.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Runs a one-row, one-boolean query on the guard's connection.
+    /// Runs a one-row, one-boolean query on the guard's connection, giving up after 5 s.
     pub async fn query_bool(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool, NotifyError> {
-        let guard = self.client.read().await;
-        let client = guard.as_ref().ok_or(NotifyError::Disconnected)?;
-        match tokio::time::timeout(QUERY_TIMEOUT, client.query_one(sql, params)).await {
-            Ok(Ok(row)) => row.try_get(0).map_err(|e| NotifyError::Failed(e.to_string())),
-            Ok(Err(e)) => Err(NotifyError::Failed(e.to_string())),
-            Err(_) => Err(NotifyError::Failed(format!("no answer within {QUERY_TIMEOUT:?}"))),
+        self.query_bool_until(tokio::time::Instant::now() + QUERY_TIMEOUT, sql, params).await
+    }
+
+    /// As [`Notifier::query_bool`], giving up at `deadline` (the caller's, passed down): a stalled
+    /// database must not hold a request past its heal deadline.
+    pub async fn query_bool_until(
+        &self,
+        deadline: tokio::time::Instant,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<bool, NotifyError> {
+        let run = async {
+            let guard = self.client.read().await;
+            let client = guard.as_ref().ok_or(NotifyError::Disconnected)?;
+            let row = client.query_one(sql, params).await.map_err(|e| NotifyError::Failed(describe(&e)))?;
+            row.try_get(0).map_err(|e| NotifyError::Failed(e.to_string()))
+        };
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(answer) => answer,
+            Err(_) => Err(NotifyError::Failed("no answer before the deadline".to_string())),
         }
     }
 
@@ -193,4 +207,12 @@ async fn setup(client: &Client, channel: &str) -> Result<i32, tokio_postgres::Er
         tracing::warn!(error = %e, channel, "LISTEN failed: reloads sent by others will not be joined");
     }
     Ok(pid)
+}
+
+/// PostgreSQL's own message and SQLSTATE where the server sent one, not just "db error".
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }

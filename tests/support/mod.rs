@@ -8,11 +8,13 @@ pub mod echo;
 pub mod guard;
 pub mod pg;
 pub mod pki;
+pub mod postgrest;
 
 use std::time::Duration;
 
 use double::{DoubleOptions, PostgrestDouble};
 use pg::TestCluster;
+use postgrest::{Family, PostgrestOptions, RealPostgrest};
 
 /// A cluster with `setup_sql` applied, and a double in front of it.
 pub struct TestBed {
@@ -48,5 +50,43 @@ impl TestBed {
         let reloaded =
             client::eventually(Duration::from_secs(10), || async { self.double.successful_loads() > before }).await;
         assert!(reloaded, "the double did not reload after NOTIFY");
+    }
+}
+
+/// A cluster with PostgREST's roles and `setup_sql` applied, and a real PostgREST of `family` in
+/// front of it.
+pub struct RealBed {
+    pub pg: TestCluster,
+    pub postgrest: RealPostgrest,
+    pub http: client::HttpClient,
+}
+
+impl RealBed {
+    pub async fn start(family: Family, setup_sql: &str) -> RealBed {
+        Self::start_with(family, setup_sql, |o| o).await
+    }
+
+    pub async fn start_with(
+        family: Family,
+        setup_sql: &str,
+        configure: impl FnOnce(PostgrestOptions) -> PostgrestOptions,
+    ) -> RealBed {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+        let pg = TestCluster::start().await;
+        pg.sql(postgrest::ROLES_SQL).await;
+        if !setup_sql.is_empty() {
+            pg.sql(setup_sql).await;
+        }
+        let postgrest = RealPostgrest::start(family, configure(PostgrestOptions::new(&pg))).await;
+        RealBed { pg, postgrest, http: client::HttpClient::new() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.postgrest.url(), path)
+    }
+
+    /// One number from the database, e.g. `SELECT count(*) FROM t`.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.pg.connect("postgres").await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 }
