@@ -81,16 +81,21 @@ fn the_dockerfile_is_multi_stage_non_root_and_health_checked() {
 
 #[tokio::test]
 async fn the_demo_migration_heals_as_the_readme_says() {
-    let bed = support::TestBed::start(&read("docker/init.sql")).await;
-    let guard = support::guard::start_guard(
-        &bed.double.url(),
-        &bed.pg.uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.double.admin_url())],
+    let pg = support::pg::TestCluster::start().await;
+    pg.sql(&read("docker/init.sql")).await;
+    let postgrest = support::postgrest::RealPostgrest::start(
+        support::postgrest::Family::V14,
+        support::postgrest::PostgrestOptions::new(&pg),
     )
     .await;
-    bed.pg.sql(&read("docker/migration.sql")).await;
-    let r = bed
-        .http
+    let guard = support::guard::start_guard(
+        &postgrest.url(),
+        &pg.uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &postgrest.admin_url())],
+    )
+    .await;
+    pg.sql(&read("docker/migration.sql")).await;
+    let r = support::client::HttpClient::new()
         .post_json(&format!("{}/chat_messages", guard.url()), r#"{"content":"hi","artifact_ids":["a1"]}"#)
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());

@@ -9,7 +9,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use support::echo::EchoServer;
 use support::guard::{start_guard, start_guard_without_waiting};
-use support::pg::{free_port, TestCluster};
+use support::pg::free_port;
+use support::RealBed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn echo_guard(prefix: &str, extra: &[(&str, &str)]) -> (EchoServer, pgrst_guard::RunningGuard) {
@@ -133,31 +134,91 @@ async fn a_silent_upstream_gets_a_504_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[tokio::test]
-async fn cors_preflight_passes_through_to_postgrest() {
-    let pg = TestCluster::start().await;
-    pg.sql("CREATE TABLE t (id int)").await;
-    let double =
-        support::double::PostgrestDouble::start(support::double::DoubleOptions::new(pg.uri("postgres"))).await.unwrap();
-    let guard = start_guard(&double.url(), &pg.uri("postgres"), &[]).await;
-    let http = support::client::HttpClient::new();
-    let r = http
-        .send(
-            Method::OPTIONS,
-            &format!("{}/t", guard.url()),
-            &[
-                ("origin", "https://app.example"),
-                ("access-control-request-method", "POST"),
-                ("access-control-request-headers", "apikey,content-type"),
-            ],
-            "",
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.header("server"), Some("postgrest/14.17"), "answered by PostgREST, not the guard");
-    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
-    assert!(r.header("access-control-allow-headers").unwrap().contains("apikey"));
-}
+family_matrix!(cors_preflight_passes_through_to_postgrest, |family| async move {
+    let bed = RealBed::start(family, "CREATE TABLE t (id int)").await;
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let headers = [
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "apikey,content-type"),
+    ];
+    let direct = bed.http.send(Method::OPTIONS, &bed.url("/t"), &headers, "").await;
+    let r = bed.http.send(Method::OPTIONS, &format!("{}/t", guard.url()), &headers, "").await;
+    assert_eq!(r.status, direct.status);
+    assert!(r.header("server").is_some_and(|s| s.starts_with("postgrest/")), "answered by PostgREST, not the guard");
+    for name in [
+        "access-control-allow-origin",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-max-age",
+    ] {
+        assert_eq!(r.header(name), direct.header(name), "{name}");
+    }
+    assert!(r.header("access-control-allow-headers").unwrap_or_default().to_ascii_lowercase().contains("apikey"));
+});
+
+/// A request: method, path, headers, body.
+type Case<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+
+/// Headers whose values must reach the client exactly as PostgREST sent them.
+const SIGNIFICANT: [&str; 6] =
+    ["content-range", "location", "preference-applied", "proxy-status", "content-type", "content-location"];
+
+family_matrix!(answers_through_the_guard_are_postgrests_own, |family| async move {
+    let bed = RealBed::start(
+        family,
+        "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric);
+         INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 30) g;
+         CREATE FUNCTION add(a int, b int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT a + b';",
+    )
+    .await;
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let json = ("content-type", "application/json");
+    let cases: Vec<Case> = vec![
+        (Method::GET, "/items?select=id,name&price=gt.10&order=id.desc&limit=3", vec![], ""),
+        (Method::GET, "/items?select=id&order=id", vec![("range", "5-9"), ("prefer", "count=exact")], ""),
+        (Method::HEAD, "/items?select=id", vec![("prefer", "count=exact")], ""),
+        (Method::GET, "/items?id=eq.1", vec![("accept", "application/vnd.pgrst.object+json")], ""),
+        (Method::GET, "/items?id=gt.1", vec![("accept", "application/vnd.pgrst.object+json")], ""),
+        (Method::GET, "/items?select=nope", vec![], ""),
+        (Method::GET, "/items?id=eq.x", vec![], ""),
+        (Method::GET, "/items", vec![("accept-profile", "other")], ""),
+        (
+            Method::POST,
+            "/items",
+            vec![json, ("prefer", "return=representation,resolution=merge-duplicates")],
+            r#"{"id":100,"name":"upserted","price":1}"#,
+        ),
+        (
+            Method::POST,
+            "/items",
+            vec![json, ("prefer", "return=headers-only,resolution=merge-duplicates")],
+            r#"{"id":101,"name":"h"}"#,
+        ),
+        (Method::POST, "/items", vec![json], r#"{"id":1,"name":"duplicate"}"#),
+        (Method::POST, "/items", vec![json], r#"{"id":"#),
+        (Method::PATCH, "/items?id=eq.2", vec![json, ("prefer", "return=representation")], r#"{"name":"two"}"#),
+        (Method::DELETE, "/items?id=eq.999", vec![("prefer", "return=representation")], ""),
+        (Method::POST, "/rpc/add", vec![json], r#"{"a":2,"b":3}"#),
+        (Method::GET, "/rpc/add?a=4&b=5", vec![], ""),
+        (Method::GET, "/", vec![("accept", "application/openapi+json")], ""),
+    ];
+    for (method, path, headers, body) in cases {
+        // Writes change what the next one sees (an upsert inserts, then updates): the comparison
+        // is between two sends that find the same state.
+        bed.http.send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
+        let through =
+            bed.http.send(method.clone(), &format!("{}{path}", guard.url()), &headers, body.to_string()).await;
+        let direct = bed.http.send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
+        let what = format!("{family:?} {method} {path}");
+        assert_eq!(through.status, direct.status, "{what}: {}", through.text());
+        assert_eq!(through.body, direct.body, "{what}");
+        for name in SIGNIFICANT {
+            assert_eq!(through.header(name), direct.header(name), "{what}: {name}");
+        }
+        assert_eq!(through.header("x-pgrst-guard"), None, "{what}");
+    }
+});
 
 #[tokio::test]
 async fn admin_endpoints_report_health_readiness_and_metrics() {

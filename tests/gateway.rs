@@ -9,9 +9,12 @@ use std::process::Command;
 
 use support::guard::start_guard;
 use support::pg::free_port;
-use support::TestBed;
+use support::postgrest::Family;
+use support::RealBed;
 
-const ANON_KEY: &str = "sb_publishable_test_anon_key";
+/// An anon key as Supabase issues them: an HS256 JWT with `role: anon`, signed with [`JWT_SECRET`].
+const ANON_KEY: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJyb2xlIjoiYW5vbiIsImlzcyI6InN1cGFiYXNlIn0.Rwe_zGR_sx0wvpYDb6OfBZeW7CxeVRa4NpL2F6v7DPo";
+const JWT_SECRET: &str = "pgrst-guard-test-jwt-secret-0123456789abcdef";
 
 fn node_modules_ready(js: &Path) {
     if js.join("node_modules/@supabase/supabase-js").exists() && js.join("node_modules/ws").exists() {
@@ -25,8 +28,9 @@ fn node_modules_ready(js: &Path) {
     assert!(status.success(), "npm ci in tests/js failed");
 }
 
-#[tokio::test]
-async fn supabase_js_through_the_gateway() {
+family_matrix!(supabase_js_through_the_gateway, supabase_js_case);
+
+async fn supabase_js_case(family: Family) {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     tokio::task::spawn_blocking({
         let js = js.clone();
@@ -35,12 +39,20 @@ async fn supabase_js_through_the_gateway() {
     .await
     .unwrap();
 
-    let bed = TestBed::start("CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);").await;
+    let bed = RealBed::start_with(
+        family,
+        "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);",
+        |mut options| {
+            options.jwt_secret = Some(JWT_SECRET.to_string());
+            options
+        },
+    )
+    .await;
     let origin_port = free_port();
     let origin = format!("http://127.0.0.1:{origin_port}");
-    let admin = bed.double.admin_url();
+    let admin = bed.postgrest.admin_url();
     let guard = start_guard(
-        &bed.double.url(),
+        &bed.postgrest.url(),
         &bed.pg.uri("postgres"),
         &[
             ("PGRST_GUARD_REST_PREFIX", "/rest/v1"),
@@ -77,9 +89,9 @@ async fn supabase_js_through_the_gateway() {
 
 #[tokio::test]
 async fn without_a_pass_through_origin_other_paths_get_404() {
-    let bed = TestBed::start("CREATE TABLE t (id int);").await;
+    let bed = RealBed::start(Family::V14, "CREATE TABLE t (id int);").await;
     let guard =
-        start_guard(&bed.double.url(), &bed.pg.uri("postgres"), &[("PGRST_GUARD_REST_PREFIX", "/rest/v1")]).await;
+        start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[("PGRST_GUARD_REST_PREFIX", "/rest/v1")]).await;
     let r = bed.http.get(&format!("{}/rest/v1/t", guard.url())).await;
     assert_eq!(r.status, http::StatusCode::OK);
     let r = bed.http.get(&format!("{}/auth/v1/user", guard.url())).await;

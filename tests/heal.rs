@@ -251,7 +251,12 @@ family_matrix!(a_guard_without_its_database_still_forwards, |family| async move 
     let started = Instant::now();
     let r = bed
         .http
-        .send(Method::POST, &format!("{}/chat_messages", guard.url()), &[("content-type", "application/json")], r#"{"content":"a","artifact_ids":[]}"#)
+        .send(
+            Method::POST,
+            &format!("{}/chat_messages", guard.url()),
+            &[("content-type", "application/json")],
+            r#"{"content":"a","artifact_ids":[]}"#,
+        )
         .await;
     assert_eq!(r.code().as_deref(), Some("PGRST204"), "cannot heal without the database");
     assert!(started.elapsed() < Duration::from_secs(1), "but answers at once");

@@ -155,7 +155,8 @@ async fn throughput(base: &str, scenario: &Scenario, span: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for writer in 0..WRITERS {
-        let (http, url, count, stop) = (HttpClient::new(), format!("{base}{}", scenario.path), count.clone(), stop.clone());
+        let (http, url, count, stop) =
+            (HttpClient::new(), format!("{base}{}", scenario.path), count.clone(), stop.clone());
         let (method, body) = (scenario.method.clone(), scenario.body);
         tasks.push(tokio::spawn(async move {
             let mut n = 1_000_000 * (writer as u64 + 1) + 500_000;

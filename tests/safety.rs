@@ -17,7 +17,11 @@ use support::{RealBed, TestBed};
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);";
 
-async fn bed_with_guard(family: Family, sql: &str, extra: &[(&str, &str)]) -> (RealBed, pgrst_guard::RunningGuard, NotifyCounter) {
+async fn bed_with_guard(
+    family: Family,
+    sql: &str,
+    extra: &[(&str, &str)],
+) -> (RealBed, pgrst_guard::RunningGuard, NotifyCounter) {
     let bed = RealBed::start(family, sql).await;
     let admin = bed.postgrest.admin_url();
     let mut keys = vec![("PGRST_GUARD_UPSTREAM_ADMIN", admin.as_str()), ("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")];
@@ -83,7 +87,10 @@ family_matrix!(ten_thousand_requests_for_a_missing_column_cause_no_notify, |fami
     let metrics = guard_metrics(&bed.http, &guard).await;
     let queried = metric(&metrics, "pgrst_guard_catalog_checks_total{result=\"missing\"}");
     let shared = metric(&metrics, "pgrst_guard_catalog_checks_total{result=\"shared_missing\"}");
-    println!("{family:?}: 10,000 requests in {elapsed:?}: {queried} catalog queries ({:.0}/s), {shared} answers shared", queried as f64 / elapsed.as_secs_f64());
+    println!(
+        "{family:?}: 10,000 requests in {elapsed:?}: {queried} catalog queries ({:.0}/s), {shared} answers shared",
+        queried as f64 / elapsed.as_secs_f64()
+    );
     assert!(queried >= 1 && queried <= query_bound(1, elapsed), "{queried} catalog queries in {elapsed:?}\n{metrics}");
     assert_eq!(queried + shared, 10_000);
 });
@@ -91,9 +98,11 @@ family_matrix!(ten_thousand_requests_for_a_missing_column_cause_no_notify, |fami
 family_matrix!(decoys_cause_no_notify_either, |family| async move {
     let (bed, guard, notifies) = bed_with_guard(
         family,
-        &format!("{CHAT} CREATE TABLE projects (id int PRIMARY KEY, name text);
+        &format!(
+            "{CHAT} CREATE TABLE projects (id int PRIMARY KEY, name text);
                   CREATE SCHEMA private; CREATE TABLE private.secrets (id int PRIMARY KEY, value text);
-                  CREATE FUNCTION private.rotate(id int) RETURNS int LANGUAGE sql AS 'SELECT 1';"),
+                  CREATE FUNCTION private.rotate(id int) RETURNS int LANGUAGE sql AS 'SELECT 1';"
+        ),
         &[],
     )
     .await;

@@ -62,7 +62,11 @@ async fn postgres_over_tls_with_require_and_verify_full() {
         start_guard_without_waiting(&echo.url(), &format!("{base}?sslmode=verify-full&sslrootcert={ca}"), &[]).await;
     assert!(eventually(Duration::from_secs(10), || async { verified.notifier.is_connected() }).await);
     assert_eq!(ssl_connections(&pg).await, 2);
-    verified.notifier.notify_reload().await.expect("NOTIFY over TLS");
+    verified
+        .notifier
+        .notify_reload(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
+        .await
+        .expect("NOTIFY over TLS");
 
     // verify-full against an unknown CA must not connect.
     let unverified = start_guard_without_waiting(&echo.url(), &format!("{base}?sslmode=verify-full"), &[]).await;

@@ -169,7 +169,8 @@ impl CatalogCheck {
         let answer = match object {
             MissingObject::Column { table, column } => {
                 self.database
-                    .query_bool_until(deadline, 
+                    .query_bool_until(
+                        deadline,
                         "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped)",
@@ -179,7 +180,8 @@ impl CatalogCheck {
             }
             MissingObject::Table { schema: named, table } => {
                 self.database
-                    .query_bool_until(deadline, 
+                    .query_bool_until(
+                        deadline,
                         "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','v','m','f','p'))",
                         &[named, table],
@@ -190,7 +192,8 @@ impl CatalogCheck {
                 // PostgREST matches by name and argument names; a function whose named inputs cover
                 // the request's keys is what a reload would find.
                 self.database
-                    .query_bool_until(deadline, 
+                    .query_bool_until(
+                        deadline,
                         "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                          WHERE n.nspname = $1 AND p.proname = $2
                            AND $3::text[] <@ COALESCE(p.proargnames::text[], '{}'))",
@@ -202,7 +205,8 @@ impl CatalogCheck {
                 // A direct foreign key either way, a junction table with keys to both (many-to-many),
                 // or a view on either side (PostgREST infers view relationships from definitions).
                 self.database
-                    .query_bool_until(deadline, 
+                    .query_bool_until(
+                        deadline,
                         "WITH rel AS (SELECT c.oid, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                                       WHERE n.nspname = $1 AND c.relname IN ($2, $3))
                          SELECT EXISTS (SELECT 1 FROM pg_constraint k JOIN rel a ON a.oid = k.conrelid JOIN rel b ON b.oid = k.confrelid

@@ -178,7 +178,8 @@ impl ReloadCoordinator {
         deadline: Instant,
         join: JoinRule,
     ) -> Result<(Ticket, bool), ReloadError> {
-        let mut log = tokio::time::timeout_at(deadline, self.flights.lock()).await.map_err(|_| ReloadError::Deadline)?;
+        let mut log =
+            tokio::time::timeout_at(deadline, self.flights.lock()).await.map_err(|_| ReloadError::Deadline)?;
         log.retire(self.settings.deadline);
         if let Some(ticket) = log.existing(sent_at, join) {
             return Ok((ticket, false));
@@ -209,7 +210,9 @@ impl ReloadCoordinator {
                 None
             }
             Err(_) => {
-                tracing::warn!("PostgREST's load counter did not answer before the deadline; waiting with back-off instead");
+                tracing::warn!(
+                    "PostgREST's load counter did not answer before the deadline; waiting with back-off instead"
+                );
                 None
             }
         }

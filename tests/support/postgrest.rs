@@ -209,7 +209,7 @@ impl RealPostgrest {
         match before {
             Some(before) => {
                 let done = eventually(Duration::from_secs(10), || async {
-                    self.successful_loads().await.is_some_and(|now| now >= before + 1)
+                    self.successful_loads().await.is_some_and(|now| now > before)
                 })
                 .await;
                 assert!(done, "PostgREST {} did not reload", self.version);
@@ -253,7 +253,8 @@ fn binary_for(family: Family) -> (PathBuf, String) {
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let version = name.strip_prefix("postgrest-")?.split(['-', '_']).next()?.trim_end_matches(".xz").to_string();
+            let version =
+                name.strip_prefix("postgrest-")?.split(['-', '_']).next()?.trim_end_matches(".xz").to_string();
             if !name.starts_with(&prefix) {
                 return None;
             }
