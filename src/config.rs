@@ -293,7 +293,7 @@ fn take_params(text: &str, names: &[&str]) -> (String, BTreeMap<String, String>)
     (rest, taken)
 }
 
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -152,7 +152,12 @@ where
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
-                GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e)).into_response_for(origin.as_ref())
+                let mut response = GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e))
+                    .into_response_for(origin.as_ref());
+                if e.is_connect() {
+                    response.extensions_mut().insert(NeverReachedUpstream);
+                }
+                response
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
@@ -165,6 +170,11 @@ where
         }
     }
 }
+
+/// Marks a guard answer for a request that never reached PostgREST (the connection was refused or
+/// could not be made): sending it again cannot run anything twice.
+#[derive(Clone, Copy, Debug)]
+pub struct NeverReachedUpstream;
 
 impl<B> Service<Request<B>> for Forwarder<B>
 where

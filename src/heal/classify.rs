@@ -64,6 +64,96 @@ pub enum Verdict {
     StaleDatabase { code: &'static str },
 }
 
+/// What the request itself says, to tell an error it caused from one an application wrote.
+#[derive(Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a Method,
+    /// The path as PostgREST sees it: `/table` or `/rpc/function`.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// The request body, when it was kept whole.
+    pub body: Option<&'a [u8]>,
+}
+
+impl RequestFacts<'_> {
+    fn target(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or_default()
+    }
+
+    fn rpc(&self) -> Option<&str> {
+        let rest = self.path.rsplit_once("/rpc/")?.1;
+        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+    }
+
+    fn query_param(&self, name: &str) -> Option<String> {
+        self.query?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            (key == name).then(|| crate::config::percent_decode(value))
+        })
+    }
+
+    /// The keys a write names: its `columns` parameter, else the first JSON object's keys.
+    fn written_columns(&self) -> Vec<String> {
+        if let Some(columns) = self.query_param("columns") {
+            return columns.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect();
+        }
+        let Some(body) = self.body else {
+            return Vec::new();
+        };
+        let object = match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Array(items)) => items.into_iter().next(),
+            Ok(value) => Some(value),
+            Err(_) => None,
+        };
+        match object {
+            Some(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The names a `select` mentions (columns, embedded resources, hints), split at punctuation.
+    fn selected_names(&self) -> Vec<String> {
+        self.query_param("select")
+            .map(|select| {
+                select
+                    .split([',', '(', ')', '!', ':', '.'])
+                    .map(|name| name.trim().trim_matches('"').to_string())
+                    .filter(|name| !name.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Could PostgREST have raised this schema-cache error for *this* request? An application's
+    /// answer shaped like one (an RPC setting `response.status`) names other things, or comes from
+    /// an RPC where only PGRST202 is PostgREST's own.
+    fn explains(&self, object: &MissingObject, code: StaleCode) -> bool {
+        match (code, object, self.rpc()) {
+            (StaleCode::Function, MissingObject::Function { name, .. }, Some(function)) => name == function,
+            (StaleCode::Function, ..) | (_, _, Some(_)) => false,
+            (StaleCode::Column, MissingObject::Column { table, column }, None) => {
+                table == self.target() && self.written_columns().iter().any(|written| written == column)
+            }
+            (StaleCode::Table, MissingObject::Table { table, .. }, None) => table == self.target(),
+            (StaleCode::LegacyTableWrite, _, None) => {
+                matches!(*self.method, Method::POST | Method::PATCH | Method::PUT) && !self.target().is_empty()
+            }
+            (StaleCode::Relationship, MissingObject::Relationship { parent, child }, None) => {
+                let names = self.selected_names();
+                let named = |table: &String| table == self.target() || names.iter().any(|n| n == table);
+                named(parent) && named(child)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The major version in `Server: postgrest/13.0`.
+pub fn server_major<B>(response: &Response<B>) -> Option<u32> {
+    let server = response.headers().get(header::SERVER)?.to_str().ok()?;
+    server.strip_prefix("postgrest/")?.split('.').next()?.parse().ok()
+}
+
 #[derive(Deserialize)]
 struct PostgrestError {
     code: Option<String>,
@@ -76,6 +166,9 @@ struct PostgrestError {
 pub fn passes_by_head(response: &Response<GuardBody>, method: &Method) -> bool {
     match proxy_status_error(response) {
         Some(code) => code_verdict(&code, None) == Verdict::PassThrough,
+        // From v13 on PostgREST names every error of its own in Proxy-Status: an error-shaped body
+        // without it is the application's answer (an RPC that set `response.status`).
+        None if server_major(response).is_some_and(|major| major >= 13) => true,
         None => {
             !matches!(
                 response.status(),
@@ -87,7 +180,11 @@ pub fn passes_by_head(response: &Response<GuardBody>, method: &Method) -> bool {
 }
 
 /// Classifies `response`; an error body that was read is put back, so the answer is whole either way.
-pub async fn inspect(response: Response<GuardBody>, method: &Method) -> (Response<GuardBody>, Verdict) {
+pub async fn inspect(response: Response<GuardBody>, request: &RequestFacts<'_>) -> (Response<GuardBody>, Verdict) {
+    let method = request.method;
+    if passes_by_head(&response, method) {
+        return (response, Verdict::PassThrough);
+    }
     let status = response.status();
     let proxy_status_code = proxy_status_error(&response);
     let worth_reading = match &proxy_status_code {
@@ -108,6 +205,7 @@ pub async fn inspect(response: Response<GuardBody>, method: &Method) -> (Respons
     match read_capped(body, ERROR_BODY_CAP).await {
         Ok(bytes) => {
             let verdict = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
+            let verdict = if proxy_status_code.is_some() { verdict } else { attribute(verdict, request) };
             (Response::from_parts(parts, full(bytes)), verdict)
         }
         Err(partial) => (Response::from_parts(parts, partial), Verdict::PassThrough),
@@ -144,6 +242,20 @@ fn body_verdict(status: StatusCode, method: &Method, body: &[u8], header_code: O
     match code {
         Some(code) => code_verdict(&code, error.message.as_deref()),
         None => Verdict::PassThrough,
+    }
+}
+
+/// Before v13 nothing in an answer tells PostgREST's own errors from an application's: heal only
+/// what the request itself can have caused.
+fn attribute(verdict: Verdict, request: &RequestFacts<'_>) -> Verdict {
+    match &verdict {
+        Verdict::Stale { code, object } if request.explains(object, *code) => verdict,
+        // PostgreSQL's errors arrive from a rolled-back transaction, but an RPC can also answer a
+        // committed call with a body that looks like one: on /rpc/ they are trusted only with
+        // Proxy-Status.
+        Verdict::StaleDatabase { .. } if request.rpc().is_none() => verdict,
+        Verdict::CacheEmpty if request.rpc().is_none() => verdict,
+        _ => Verdict::PassThrough,
     }
 }
 
@@ -321,30 +433,54 @@ mod tests {
         builder.body(full(Bytes::from_static(body.as_bytes()))).unwrap()
     }
 
+    fn facts<'a>(method: &'a Method, path: &'a str, body: &'a str) -> RequestFacts<'a> {
+        RequestFacts { method, path, query: None, body: Some(body.as_bytes()) }
+    }
+
     #[tokio::test]
     async fn classifies_by_header_or_by_body_and_keeps_the_body() {
+        let insert = facts(&Method::POST, "/t", r#"{"a":1}"#);
+        let read = facts(&Method::GET, "/t", "");
         let body = r#"{"code":"PGRST204","details":null,"hint":null,"message":"Could not find the 'a' column of 't' in the schema cache"}"#;
         let with_header = response(
             400,
             &[("proxy-status", "PostgREST; error=PGRST204"), ("content-type", "application/json; charset=utf-8")],
             body,
         );
-        let (kept, verdict) = inspect(with_header, &Method::POST).await;
+        let (kept, verdict) = inspect(with_header, &insert).await;
         assert!(matches!(verdict, Verdict::Stale { code: StaleCode::Column, object: MissingObject::Column { .. } }));
         assert_eq!(kept.into_body().collect().await.unwrap().to_bytes(), body);
 
         let without_header = response(400, &[("content-type", "application/json; charset=utf-8")], body);
-        assert!(matches!(inspect(without_header, &Method::POST).await.1, Verdict::Stale { .. }));
+        assert!(matches!(inspect(without_header, &insert).await.1, Verdict::Stale { .. }));
 
         let legacy = response(404, &[("content-type", "application/json; charset=utf-8")], "{}");
         assert_eq!(
-            inspect(legacy, &Method::POST).await.1,
+            inspect(legacy, &insert).await.1,
             Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown }
         );
 
         let ok = response(200, &[("content-type", "application/json")], "[]");
-        assert_eq!(inspect(ok, &Method::GET).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(ok, &read).await.1, Verdict::PassThrough);
         let ambiguous = response(300, &[("proxy-status", "PostgREST; error=PGRST201")], "{}");
-        assert_eq!(inspect(ambiguous, &Method::GET).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(ambiguous, &read).await.1, Verdict::PassThrough);
+    }
+
+    #[tokio::test]
+    async fn an_applications_error_shaped_answer_is_never_healed() {
+        let body = r#"{"code":"PGRST204","details":null,"hint":null,"message":"Could not find the 'a' column of 't' in the schema cache"}"#;
+        let json = ("content-type", "application/json; charset=utf-8");
+        // v13+: no Proxy-Status means PostgREST did not raise it.
+        let v14 = response(400, &[json, ("server", "postgrest/14.17")], body);
+        assert_eq!(inspect(v14, &facts(&Method::POST, "/t", r#"{"a":1}"#)).await.1, Verdict::PassThrough);
+        // v12: the request must be able to have caused it.
+        let rpc = response(400, &[json, ("server", "postgrest/12.2")], body);
+        assert_eq!(inspect(rpc, &facts(&Method::POST, "/rpc/t", r#"{"a":1}"#)).await.1, Verdict::PassThrough);
+        let other_column = response(400, &[json, ("server", "postgrest/12.2")], body);
+        assert_eq!(inspect(other_column, &facts(&Method::POST, "/t", r#"{"b":1}"#)).await.1, Verdict::PassThrough);
+        let caused = response(400, &[json, ("server", "postgrest/12.2")], body);
+        assert!(matches!(inspect(caused, &facts(&Method::POST, "/t", r#"[{"a":1}]"#)).await.1, Verdict::Stale { .. }));
+        let rpc_404 = response(404, &[json, ("server", "postgrest/12.2")], "{}");
+        assert_eq!(inspect(rpc_404, &facts(&Method::POST, "/rpc/t", "{}")).await.1, Verdict::PassThrough);
     }
 }

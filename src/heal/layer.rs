@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-use super::service::{HealPolicy, HealService};
+use super::service::{HealPolicy, HealService, MAX_CONCURRENT_REPLAYS};
 use crate::metrics::Metrics;
 use crate::reload::{CatalogCheck, ReloadCoordinator};
 
@@ -38,6 +38,7 @@ impl<S> Layer<S> for HealLayer {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             catalog: self.catalog.clone(),
+            replay_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPLAYS)),
         }
     }
 }

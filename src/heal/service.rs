@@ -13,13 +13,14 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::classify::MissingObject;
-use super::classify::{self, Verdict};
+use super::classify::{self, RequestFacts, Verdict};
 use super::replay_body::ReplayBody;
 use crate::body::{GuardBody, GuardFuture};
 use crate::metrics::Metrics;
 use crate::reload::coordinator::backoff_wait;
 use crate::reload::coordinator::JoinRule;
 use crate::reload::{CatalogAnswer, CatalogCheck, ReloadCoordinator, Ticket};
+use crate::upstream::NeverReachedUpstream;
 
 pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
 
@@ -40,7 +41,12 @@ pub struct HealService<S> {
     pub(super) metrics: Arc<Metrics>,
     /// None when the catalog check is turned off.
     pub(super) catalog: Option<Arc<CatalogCheck>>,
+    /// Replays in flight toward PostgREST, so that a thousand healed requests do not land at once.
+    pub(super) replay_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Replays sent to PostgREST at the same time, per worker.
+pub const MAX_CONCURRENT_REPLAYS: usize = 64;
 
 impl<S: Clone> Clone for HealService<S> {
     fn clone(&self) -> Self {
@@ -50,6 +56,7 @@ impl<S: Clone> Clone for HealService<S> {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             catalog: self.catalog.clone(),
+            replay_slots: self.replay_slots.clone(),
         }
     }
 }
@@ -63,6 +70,10 @@ struct RequestTemplate {
 }
 
 impl RequestTemplate {
+    fn facts<'a>(&'a self, body: Option<&'a [u8]>) -> RequestFacts<'a> {
+        RequestFacts { method: &self.method, path: self.uri.path(), query: self.uri.query(), body }
+    }
+
     fn build<B: Body<Data = Bytes>>(&self, body: Bytes) -> Request<ReplayBody<B>> {
         let mut request = Request::new(ReplayBody::replay(body));
         *request.method_mut() = self.method.clone();
@@ -133,13 +144,15 @@ impl<S> HealService<S> {
         if classify::passes_by_head(&first, &template.method) {
             return first;
         }
-        let (response, verdict) = Box::pin(classify::inspect(first, &template.method)).await;
+        let replay_body = recording.replayable();
+        let facts = template.facts(replay_body.as_deref());
+        let (response, verdict) = Box::pin(classify::inspect(first, &facts)).await;
         if verdict == Verdict::PassThrough {
             return response;
         }
-        let Some(replay_body) = recording.replayable() else {
-            tracing::info!(code = verdict_code(&verdict), outcome = "not_replayable", "stale schema cache, but the request body is over the replay cap or was not read whole; passing the error through");
-            self.metrics.heal(verdict_code(&verdict), "not_replayable");
+        let Some(replay_body) = replay_body else {
+            tracing::info!(code = verdict_code(&verdict), outcome = HealOutcome::NotReplayable.as_str(), "stale schema cache, but the request body is over the replay cap or was not read whole; passing the error through");
+            self.metrics.heal(verdict_code(&verdict), HealOutcome::NotReplayable.as_str());
             return response;
         };
         Box::pin(self.heal(template, replay_body, response, verdict, sent_at)).await
@@ -156,8 +169,8 @@ impl<S> HealService<S> {
         }
     }
 
-    /// Waits and replays until the answer is no longer a schema-cache error or the deadline passes;
-    /// then the last upstream answer goes to the client unchanged.
+    /// Waits and replays until the answer is no longer a schema-cache error, the replay budget is
+    /// spent or the deadline passes; then the last upstream answer goes to the client unchanged.
     async fn heal<B>(
         &self,
         template: RequestTemplate,
@@ -174,12 +187,19 @@ impl<S> HealService<S> {
         let deadline = started + self.policy.deadline;
         let code = verdict_code(&verdict);
         let schema = request_schema(&template, &self.policy.default_schema);
+        let facts = template.facts(Some(&body));
         let mut object = String::new();
         let mut ticket: Option<Ticket> = None;
         let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32, 0u32);
+        let max_replays = self.coordinator.replay_budget();
         let outcome = loop {
+            if !matches!(verdict, Verdict::PassThrough) && replays >= max_replays {
+                break HealOutcome::GaveUp;
+            }
             let proceed = match &verdict {
-                Verdict::PassThrough => break if replays > 0 { "healed" } else { "passed" },
+                Verdict::PassThrough if replays == 0 => break HealOutcome::Passed,
+                Verdict::PassThrough if last.status().is_success() => break HealOutcome::Healed,
+                Verdict::PassThrough => break HealOutcome::ReplayFailed,
                 Verdict::Stale { code: stale_code, object: named } => {
                     if ticket.is_none() {
                         if flights == 0 {
@@ -189,7 +209,7 @@ impl<S> HealService<S> {
                                 let answer = catalog.exists(&named, &schema, sent_at, deadline).await;
                                 self.metrics.catalog_check(answer.as_str());
                                 if answer.is_missing() {
-                                    break "client_error";
+                                    break HealOutcome::ClientError;
                                 }
                                 if answer == CatalogAnswer::Unknown {
                                     // The check is a gate: without its word no reload of our own,
@@ -200,15 +220,15 @@ impl<S> HealService<S> {
                                             flights = 2;
                                             attempts_in_flight = 0;
                                         }
-                                        None => break "unchecked",
+                                        None => break HealOutcome::Unchecked,
                                     }
                                 }
                             }
                         }
                         // One reload of our own after the first one offered nothing: the catalog
                         // says the object exists, so the cache may have gone stale again.
-                        if flights >= 2 || Instant::now() >= deadline {
-                            break "gave_up";
+                        if ticket.is_none() && (flights >= 2 || Instant::now() >= deadline) {
+                            break HealOutcome::GaveUp;
                         }
                     }
                     if ticket.is_none() {
@@ -225,8 +245,8 @@ impl<S> HealService<S> {
                                 attempts_in_flight = 0;
                             }
                             Err(e) => {
-                                tracing::warn!(code = stale_code.as_str(), error = %e, "cannot send the reload NOTIFY; passing the error through");
-                                break "no_database";
+                                tracing::warn!(code = stale_code.as_str(), error = %e, "no reload possible; passing the error through");
+                                break HealOutcome::NoDatabase;
                             }
                         }
                     }
@@ -243,9 +263,11 @@ impl<S> HealService<S> {
                     true
                 }
                 Verdict::StaleDatabase { .. } => {
-                    // Replayed once, and only while a reload is known to be under way.
+                    // Replayed once, and only while a reload is known to be under way. PostgreSQL
+                    // raised it inside PostgREST's transaction, which was rolled back, and the
+                    // classifier trusts it on /rpc/ only with PostgREST's own Proxy-Status.
                     if replays > 0 {
-                        break "passed";
+                        break HealOutcome::ReplayFailed;
                     }
                     match self.coordinator.join_existing(sent_at, deadline).await {
                         Some(joined) => {
@@ -253,7 +275,7 @@ impl<S> HealService<S> {
                             ticket = Some(joined);
                             ready
                         }
-                        None => break "passed",
+                        None => break HealOutcome::Passed,
                     }
                 }
                 Verdict::CacheEmpty => {
@@ -262,27 +284,94 @@ impl<S> HealService<S> {
                 }
             };
             if !proceed {
-                break "gave_up";
+                break HealOutcome::GaveUp;
             }
-            sent_at = Instant::now();
+            let Some(replayed) = self.replay(&template, &body, deadline).await else {
+                break HealOutcome::GaveUp;
+            };
+            sent_at = replayed.1;
             replays += 1;
-            let replayed = self.send(template.build::<B>(body.clone())).await;
-            (last, verdict) = classify::inspect(replayed, &template.method).await;
+            (last, verdict) = classify::inspect(replayed.0, &facts).await;
         };
-        if outcome == "passed" && replays == 0 && matches!(verdict, Verdict::StaleDatabase { .. }) {
+        if outcome == HealOutcome::Passed && replays == 0 && matches!(verdict, Verdict::StaleDatabase { .. }) {
             return last;
         }
         let wait_ms = started.elapsed().as_millis() as u64;
-        if outcome == "healed" {
+        if outcome == HealOutcome::Healed {
             if let Some(ticket) = &ticket {
                 ticket.succeeded();
             }
             last.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("replayed"));
         }
-        self.metrics.heal(code, outcome);
+        self.metrics.heal(code, outcome.as_str());
         self.metrics.observe_heal_wait(started.elapsed());
-        tracing::info!(code, object = %object, wait_ms, replays, outcome, method = %template.method, path = template.uri.path(), "heal");
+        tracing::info!(code, object = %object, wait_ms, replays, outcome = outcome.as_str(), status = last.status().as_u16(), method = %template.method, path = template.uri.path(), "heal");
         last
+    }
+
+    /// Sends the request again, at most [`MAX_CONCURRENT_REPLAYS`] at a time toward PostgREST. A
+    /// replay that never reached PostgREST (refused connection, e.g. while it restarts) is sent
+    /// again after a back-off until the deadline. Returns the answer and when it was requested.
+    async fn replay<B>(
+        &self,
+        template: &RequestTemplate,
+        body: &Bytes,
+        deadline: Instant,
+    ) -> Option<(Response<GuardBody>, Instant)>
+    where
+        S: Forward<B>,
+        B: Body<Data = Bytes> + Send + 'static,
+    {
+        let mut refused = 0;
+        loop {
+            let permit = tokio::time::timeout_at(deadline, self.replay_slots.acquire()).await.ok()?.ok()?;
+            let sent_at = Instant::now();
+            let answer = self.send(template.build::<B>(body.clone())).await;
+            drop(permit);
+            if answer.extensions().get::<NeverReachedUpstream>().is_none() {
+                return Some((answer, sent_at));
+            }
+            refused += 1;
+            if !backoff_wait(refused, self.policy.empty_cache_backoff, deadline).await {
+                return Some((answer, sent_at));
+            }
+        }
+    }
+}
+
+/// How a heal ended, as metrics and logs name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealOutcome {
+    /// A replay's answer was PostgREST's success.
+    Healed,
+    /// Not a heal after all: the answer went through as it came.
+    Passed,
+    /// The catalog says the object does not exist: the client's own mistake.
+    ClientError,
+    /// The body was not kept whole, so nothing could be replayed.
+    NotReplayable,
+    /// No reload could be had (database connection down, budget past the deadline).
+    NoDatabase,
+    /// The catalog could not be asked and no reload was under way to join.
+    Unchecked,
+    /// The deadline or the replay budget ran out with the stale error still there.
+    GaveUp,
+    /// A replay was answered, but not with a success (401, 5xx, the guard's own 502/504, ...).
+    ReplayFailed,
+}
+
+impl HealOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealOutcome::Healed => "healed",
+            HealOutcome::Passed => "passed",
+            HealOutcome::ClientError => "client_error",
+            HealOutcome::NotReplayable => "not_replayable",
+            HealOutcome::NoDatabase => "no_database",
+            HealOutcome::Unchecked => "unchecked",
+            HealOutcome::GaveUp => "gave_up",
+            HealOutcome::ReplayFailed => "replay_failed",
+        }
     }
 }
 

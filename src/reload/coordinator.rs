@@ -10,10 +10,14 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
-use super::load_counter::LoadCounter;
+use super::load_counter::{LoadCounter, ProbeError};
 use super::notifier::{Notifier, NotifyError};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Replays per client request when the load counter is watched (2 per reload, 2 reloads).
+pub const MAX_REPLAYS_OBSERVED: u32 = 4;
+/// Replays per client request when completion cannot be observed.
+pub const MAX_REPLAYS_BACKOFF: u32 = 6;
 /// PostgREST's debounce cool-down between two loads.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -194,11 +198,24 @@ impl ReloadCoordinator {
             tokio::time::sleep_until(allowed).await;
         }
         let baseline = self.read_baseline(deadline).await;
-        self.notifier.notify_reload(deadline).await.map_err(ReloadError::Notify)?;
+        // Counted against the budget before it is sent: a caller that goes away mid-NOTIFY must
+        // not leave a NOTIFY on the wire that the budget never saw.
         log.last_notify = Some(Instant::now());
+        self.notifier.notify_reload(deadline).await.map_err(ReloadError::Notify)?;
         let flight = self.new_flight(baseline);
         log.pending = Some(flight.clone());
         Ok((Ticket::Flight(flight), true))
+    }
+
+    /// The most replays one client request may cause: two per reload and two reloads when
+    /// PostgREST's load counter tells when a reload is done; without it, six back-off replays
+    /// (about 25, 75, 225, 675 ms, then 1 s apart) that together cover a reload of about 3 s.
+    pub fn replay_budget(&self) -> u32 {
+        if self.load_counter.is_some() {
+            MAX_REPLAYS_OBSERVED
+        } else {
+            MAX_REPLAYS_BACKOFF
+        }
     }
 
     async fn read_baseline(&self, deadline: Instant) -> Option<u64> {
@@ -246,14 +263,27 @@ fn spawn_load_poller(
 ) {
     tokio::spawn(async move {
         let started = Instant::now();
+        let mut unreachable_since_baseline = false;
         while started.elapsed() < settings.deadline {
             tokio::time::sleep(settings.poll).await;
-            let Ok(count) = counter.successful_loads().await else {
-                continue;
+            let count = match counter.successful_loads().await {
+                Ok(count) => count,
+                Err(ProbeError::Unreachable(_)) => {
+                    unreachable_since_baseline = true;
+                    continue;
+                }
+                Err(ProbeError::NoMetric) => continue,
             };
-            // A counter below the baseline means PostgREST restarted, and a restart loads a fresh
-            // cache: as good as both loads the debounce could owe us.
-            let rises = if count < baseline { 2 } else { count - baseline };
+            // A restart loads a fresh cache: as good as both loads the debounce could owe us, once
+            // the new process has finished its first load. It shows as a counter below the
+            // baseline, or as an admin server that went away and came back (the counter of the
+            // new process may well read the same as the old one's).
+            let restarted = count < baseline || unreachable_since_baseline;
+            let rises = match (restarted, count) {
+                (true, 0) => 0,
+                (true, _) => 2,
+                (false, _) => count - baseline,
+            };
             if rises > 0 {
                 match flight.upgrade() {
                     Some(flight) => flight.mark_completed(Instant::now()),
@@ -315,12 +345,22 @@ impl Ticket {
     }
 }
 
-/// Sleeps `backoff * 2^(attempt-1)` (at most 1 s) unless that would pass `deadline`.
+/// Sleeps about `backoff * 3^(attempt-1)` (at most 1 s), jittered by ±20 % so that many waiting
+/// requests do not replay in one burst, unless that would pass `deadline`.
 pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) -> bool {
-    let delay = backoff.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(MAX_BACKOFF);
+    let delay = backoff.saturating_mul(3u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(MAX_BACKOFF);
+    let delay = jittered(delay);
     if Instant::now() + delay > deadline {
         return false;
     }
     tokio::time::sleep(delay).await;
     true
+}
+
+/// `delay` times a random factor in [0.8, 1.2).
+fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let factor = 0.8 + (random % 4096) as f64 / 4096.0 * 0.4;
+    delay.mul_f64(factor)
 }
