@@ -48,7 +48,7 @@ pub const KEYS: &[Key] = &[
         "PGRST_GUARD_UPSTREAM_ADMIN",
         "upstream_admin",
         None,
-        "PostgREST admin-server URL; its /metrics tells when a reload finished",
+        "PostgREST admin-server URL (comma-separated, one per instance behind the upstream); its /metrics tells when a reload finished",
     ),
     key("PGRST_GUARD_ADMIN_LISTEN", "admin_listen", None, "address of the guard's own /healthz, /readyz and /metrics"),
     key(
@@ -346,7 +346,8 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     pub db_uri: DbUri,
     pub db_channel: String,
-    pub upstream_admin: Option<UpstreamUrl>,
+    /// One admin URL per PostgREST instance behind `upstream` (replicas behind a balancer).
+    pub upstream_admin: Vec<UpstreamUrl>,
     pub upstream_ca_file: Option<PathBuf>,
     /// Gateway mode: requests under this prefix are REST requests (prefix stripped).
     pub rest_prefix: Option<String>,
@@ -498,8 +499,15 @@ impl Config {
             crate::tls::root_store(Some(path)).map_err(|p| error("PGRST_GUARD_UPSTREAM_CA_FILE", p))?;
         }
         let upstream_admin = get("PGRST_GUARD_UPSTREAM_ADMIN")
-            .map(|v| UpstreamUrl::parse(&v).map_err(|p| error("PGRST_GUARD_UPSTREAM_ADMIN", p)))
-            .transpose()?;
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(|url| UpstreamUrl::parse(url).map_err(|p| error("PGRST_GUARD_UPSTREAM_ADMIN", p)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
         let admin_listen =
             get("PGRST_GUARD_ADMIN_LISTEN").map(|v| socket("PGRST_GUARD_ADMIN_LISTEN", v)).transpose()?;
         if admin_listen == Some(listen) && listen.port() != 0 {

@@ -59,7 +59,7 @@ pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Findi
     };
     note(check_upstream(&config.upstream, https.clone(), config).await);
 
-    let counter = match &config.upstream_admin {
+    let counter = match config.upstream_admin.first() {
         None => {
             note(finding(
                 Status::Warn,

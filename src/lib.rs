@@ -154,8 +154,8 @@ impl RunningGuard {
         };
         let https = tls::https_config(config.upstream_ca_file.as_deref())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let load_counter = config.upstream_admin.as_ref().map(|admin| LoadCounter::new(admin, https.clone()));
-        let coordinator = ReloadCoordinator::start(notifier.clone(), load_counter, settings);
+        let load_counters = config.upstream_admin.iter().map(|admin| LoadCounter::new(admin, https.clone())).collect();
+        let coordinator = ReloadCoordinator::start(notifier.clone(), load_counters, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
             deadline: config.heal_deadline,
@@ -206,7 +206,7 @@ impl RunningGuard {
                 ServerLimits::admin(),
             )));
         }
-        tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.as_ref().map(ToString::to_string), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
+        tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.iter().map(ToString::to_string).collect::<Vec<_>>(), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
         Ok(RunningGuard { addr, admin_addr, metrics, notifier, shutdown, tasks, workers })
     }
 

@@ -49,7 +49,7 @@ fn the_compose_file_wires_the_guard_to_postgrest_and_postgres() {
         .expect("the guard's environment is valid");
     assert_eq!(config.upstream.to_string(), format!("http://rest:{}", rest_env["PGRST_SERVER_PORT"]));
     assert_eq!(
-        config.upstream_admin.unwrap().to_string(),
+        config.upstream_admin[0].to_string(),
         format!("http://rest:{}", rest_env["PGRST_ADMIN_SERVER_PORT"])
     );
     assert_eq!(config.db_channel, rest_env["PGRST_DB_CHANNEL"]);

@@ -137,3 +137,190 @@ family_matrix!(replays_per_request_are_bounded_with_the_admin_url, |family| upst
 family_matrix!(replays_per_request_are_bounded_without_the_admin_url, |family| {
     upstream_requests_per_client_request(family, false)
 });
+
+const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
+
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+// The guard's database host stalls (bytes stop, the connection stays open): every stale request
+// answers within the heal deadline with PostgREST's own answer, none queues behind another, and
+// healing works again once the database answers.
+family_matrix!(a_stalled_database_never_holds_a_request_past_the_deadline, |family| async move {
+    let bed = Arc::new(RealBed::start(family, CHAT).await);
+    let relay = support::relay::Relay::start(vec![format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()]).await;
+    let admin = bed.postgrest.admin_url();
+    let guard = start_guard(
+        &bed.postgrest.url(),
+        &relay.pg_uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &admin), ("PGRST_GUARD_HEAL_DEADLINE_MS", "3000")],
+    )
+    .await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    relay.stall(true);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (bed, url) = (bed.clone(), format!("{}/chat_messages", guard.url()));
+        tasks.push(tokio::spawn(async move {
+            let r = bed.http.post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":[]}}"#)).await;
+            (r, Instant::now())
+        }));
+    }
+    for task in tasks {
+        let (r, answered) = task.await.unwrap();
+        let took = answered - started;
+        assert_eq!(r.code().as_deref(), Some("PGRST204"), "PostgREST's own answer: {}", r.text());
+        assert!(took < Duration::from_millis(3600), "answered after {took:?}, past the 3 s deadline");
+    }
+    println!("{family:?}: 10 stale requests with a stalled database answered in {:?}", started.elapsed());
+    relay.stall(false);
+    let r =
+        bed.http.post_json(&format!("{}/chat_messages", guard.url()), r#"{"content":"after","artifact_ids":[]}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "healing is back: {}", r.text());
+    assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages").await, 1);
+});
+
+/// A client that leaves while its heal waits on a stalled catalog check changes nothing for the
+/// requests after it.
+#[tokio::test]
+async fn a_client_that_leaves_mid_heal_leaves_no_trace() {
+    let bed = RealBed::start(Family::V14, CHAT).await;
+    let relay = support::relay::Relay::start(vec![format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()]).await;
+    let guard = start_guard(
+        &bed.postgrest.url(),
+        &relay.pg_uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
+    )
+    .await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    relay.stall(true);
+    let url = format!("{}/chat_messages", guard.url());
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        bed.http.post_json(&url, r#"{"content":"gone","artifact_ids":[]}"#),
+    )
+    .await;
+    assert!(gone.is_err(), "the client left before an answer");
+    relay.stall(false);
+    let started = Instant::now();
+    let r = bed.http.post_json(&url, r#"{"content":"next","artifact_ids":[]}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
+    assert!(started.elapsed() < Duration::from_secs(2), "no stuck catalog check to wait out: {:?}", started.elapsed());
+    assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages WHERE content = 'gone'").await, 0);
+}
+
+/// Healing resumes by itself when the database connection comes back, whatever took it away: no
+/// database at start-up, a terminated backend. LISTEN is renewed with it.
+#[tokio::test]
+async fn healing_resumes_when_the_database_connection_is_back() {
+    let bed = RealBed::start(Family::V14, CHAT).await;
+    let relay = support::relay::Relay::start(vec![format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()]).await;
+    relay.refuse(true);
+    let guard = support::guard::start_guard_without_waiting(
+        &bed.postgrest.url(),
+        &relay.pg_uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
+    )
+    .await;
+    let url = format!("{}/chat_messages", guard.url());
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN a text").await;
+    let r = bed.http.post_json(&url, r#"{"content":"x","a":"1"}"#).await;
+    assert_eq!(r.code().as_deref(), Some("PGRST204"), "no database: PostgREST's answer, at once");
+    relay.refuse(false);
+    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.notifier.is_connected() }).await);
+    let r = bed.http.post_json(&url, r#"{"content":"x","a":"1"}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+
+    // The backend is terminated (an operator, a failover): the guard reconnects and LISTENs again.
+    bed.pg
+        .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        .await;
+    assert!(
+        support::client::eventually(Duration::from_secs(5), || async { !guard.notifier.is_connected() }).await
+            || guard.notifier.is_connected()
+    );
+    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.notifier.is_connected() }).await);
+    let seen = guard.notifier.notifications_seen();
+    bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
+    assert!(
+        support::client::eventually(Duration::from_secs(5), || async { guard.notifier.notifications_seen() > seen })
+            .await,
+        "LISTEN renewed"
+    );
+    bed.postgrest.reload_and_wait(&bed.pg).await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN b text").await;
+    let r = bed.http.post_json(&url, r#"{"content":"y","b":"2"}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
+}
+
+/// "Healed" only when the final answer is a replay's success: PostgREST gone for good makes the
+/// replays end in the guard's own 502, which is counted as what it is.
+#[tokio::test]
+async fn outcomes_are_true() {
+    let bed = Arc::new(RealBed::start_with(Family::V14, CHAT, |o| o.deaf()).await);
+    let guard =
+        start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[("PGRST_GUARD_HEAL_DEADLINE_MS", "2000")]).await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    let url = format!("{}/chat_messages", guard.url());
+    let waiting = {
+        let bed = bed.clone();
+        tokio::spawn(async move { bed.http.post_json(&url, r#"{"content":"c","artifact_ids":[]}"#).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bed.postgrest.stop().await;
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.header("x-pgrst-guard"), None, "not a heal");
+    let metrics = guard.metrics.render(true, 0);
+    assert_eq!(metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"}"), 0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"replay_failed\"}"),
+        1,
+        "{metrics}"
+    );
+}
+
+/// Two PostgREST instances behind one balancer: the guard waits until every instance has reloaded
+/// (admin URL list), and with only one admin URL a replay that meets the other, still stale
+/// instance waits for it — one NOTIFY either way.
+async fn replicas_heal_with_one_notify(family: Family, both_admins: bool) {
+    let bed = RealBed::start(family, CHAT).await;
+    let second =
+        support::postgrest::RealPostgrest::start(family, support::postgrest::PostgrestOptions::new(&bed.pg)).await;
+    let backends = [bed.postgrest.url(), second.url()].map(|u| u.trim_start_matches("http://").parse().unwrap());
+    let balancer = support::relay::Relay::start(backends.to_vec()).await;
+    let admins = if both_admins {
+        format!("{},{}", bed.postgrest.admin_url(), second.admin_url())
+    } else {
+        bed.postgrest.admin_url()
+    };
+    let guard = start_guard(&balancer.url(), &bed.pg.uri("postgres"), &[("PGRST_GUARD_UPSTREAM_ADMIN", &admins)]).await;
+    let notifies = support::guard::NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        // A client of its own each: connections, and so instances, alternate.
+        let url = format!("{}/chat_messages", guard.url());
+        tasks.push(tokio::spawn(async move {
+            support::client::HttpClient::new()
+                .post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":["a"]}}"#))
+                .await
+        }));
+    }
+    for task in tasks {
+        let r = task.await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    }
+    println!("{family:?} both_admins={both_admins}: 40 heals across two instances in {:?}", started.elapsed());
+    assert_eq!(notifies.count(), 1, "one NOTIFY reaches both instances");
+    assert_eq!(bed.scalar("SELECT count(DISTINCT content) FROM chat_messages").await, 40);
+    assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages").await, 40);
+}
+
+family_matrix!(replicas_with_an_admin_url_each, |family| replicas_heal_with_one_notify(family, true));
+family_matrix!(replicas_with_one_admin_url, |family| replicas_heal_with_one_notify(family, false));

@@ -282,3 +282,26 @@ async fn an_empty_cache_is_waited_out() {
     assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
     assert_eq!(notifies.count(), 1, "only the test's own NOTIFY");
 }
+
+family_matrix!(functions_resolve_as_postgrest_resolves_them, |family| async move {
+    let s = Setup::new(family, CHAT, true, &[]).await;
+    s.bed.pg.sql(
+        "CREATE FUNCTION greet(name text, greeting text DEFAULT 'hello') RETURNS text LANGUAGE sql AS $$SELECT greeting || ' ' || name$$;
+         CREATE FUNCTION echo_body(jsonb) RETURNS jsonb LANGUAGE sql AS $$SELECT $1$$;",
+    )
+    .await;
+    // A defaulted argument may be left out; a single unnamed jsonb argument takes the whole body.
+    let r = s.bed.http.post_json(&s.url("/rpc/greet"), r#"{"name":"ann"}"#).await;
+    assert_eq!((r.status, r.text()), (StatusCode::OK, r#""hello ann""#.to_string()));
+    assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
+    let r = s.bed.http.post_json(&s.url("/rpc/echo_body"), r#"{"any":"keys"}"#).await;
+    assert_eq!((r.status, r.json()), (StatusCode::OK, json!({"any":"keys"})));
+    let notifies = s.notifies.count();
+    // Arguments no overload has, or a required one left out: the client's mistake, no reload.
+    for body in [r#"{"name":"ann","shout":true}"#, r#"{"greeting":"hi"}"#] {
+        let r = s.bed.http.post_json(&s.url("/rpc/greet"), body).await;
+        assert_eq!((r.status, r.code().as_deref()), (StatusCode::NOT_FOUND, Some("PGRST202")), "{body}");
+        assert_eq!(r.header("x-pgrst-guard"), None);
+    }
+    assert_eq!(s.notifies.count(), notifies, "no reload for a call no function takes");
+});

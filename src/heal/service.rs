@@ -190,6 +190,9 @@ impl<S> HealService<S> {
         let facts = template.facts(Some(&body));
         let mut object = String::new();
         let mut ticket: Option<Ticket> = None;
+        // When the catalog said the object exists, and whether the heal is settling (replaying
+        // with back-off after a NOTIFY that surely covers the migration).
+        let (mut confirmed_at, mut settling): (Option<Instant>, bool) = (None, false);
         let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32, 0u32);
         let max_replays = self.coordinator.replay_budget();
         let outcome = loop {
@@ -207,6 +210,7 @@ impl<S> HealService<S> {
                             object = format!("{named:?}");
                             if let Some(catalog) = &self.catalog {
                                 let answer = catalog.exists(&named, &schema, sent_at, deadline).await;
+                                confirmed_at = Some(Instant::now());
                                 self.metrics.catalog_check(answer.as_str());
                                 if answer.is_missing() {
                                     break HealOutcome::ClientError;
@@ -257,7 +261,19 @@ impl<S> HealService<S> {
                         .wait_before_replay(attempts_in_flight, deadline)
                         .await;
                     if !ready {
-                        ticket = None;
+                        // A NOTIFY sent after the catalog confirmed the object reaches every
+                        // PostgREST instance and starts a load that sees it: a replay still meeting
+                        // the stale error met an instance that has not finished (replicas behind a
+                        // balancer). Keep replaying with back-off, without another NOTIFY.
+                        let covering = ticket.as_ref().and_then(Ticket::notified_at).zip(confirmed_at);
+                        ticket = match covering {
+                            Some((notified, confirmed)) if notified >= confirmed && !settling => {
+                                settling = true;
+                                attempts_in_flight = 0;
+                                Some(Ticket::settle(self.policy.empty_cache_backoff))
+                            }
+                            _ => None,
+                        };
                         continue;
                     }
                     true

@@ -189,14 +189,24 @@ impl CatalogCheck {
                     .await
             }
             MissingObject::Function { schema: named, name, args } => {
-                // PostgREST matches by name and argument names; a function whose named inputs cover
-                // the request's keys is what a reload would find.
+                // PostgREST's resolution: an overload whose named inputs cover the request's keys
+                // and whose inputs without a default are all among them, or one taking a single
+                // unnamed json/jsonb argument (the whole body).
                 self.database
                     .query_bool_until(
                         deadline,
-                        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                         WHERE n.nspname = $1 AND p.proname = $2
-                           AND $3::text[] <@ COALESCE(p.proargnames::text[], '{}'))",
+                        "WITH f AS (
+                           SELECT p.pronargs, p.pronargdefaults, p.proargtypes,
+                                  ARRAY(SELECT a.name FROM unnest(COALESCE(p.proargnames, '{}'::text[]),
+                                                                  COALESCE(p.proargmodes::text[], array_fill('i'::text, ARRAY[p.pronargs::int])))
+                                                           WITH ORDINALITY AS a(name, mode, ord)
+                                        WHERE a.mode IN ('i', 'b', 'v') ORDER BY a.ord) AS inputs
+                             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                            WHERE n.nspname = $1 AND p.proname = $2)
+                         SELECT EXISTS (SELECT 1 FROM f WHERE $3::text[] <@ f.inputs
+                                          AND f.inputs[1:f.pronargs - f.pronargdefaults] <@ $3::text[])
+                             OR EXISTS (SELECT 1 FROM f WHERE f.pronargs = 1 AND COALESCE(f.inputs[1], '') = ''
+                                          AND f.proargtypes[0] IN ('json'::regtype, 'jsonb'::regtype))",
                         &[named, name, args],
                     )
                     .await

@@ -35,7 +35,8 @@ pub struct WaitSettings {
 
 pub struct ReloadCoordinator {
     notifier: Arc<Notifier>,
-    load_counter: Option<LoadCounter>,
+    /// One per PostgREST instance behind the upstream URL; empty when no admin URL is set.
+    load_counters: Vec<LoadCounter>,
     settings: WaitSettings,
     flights: tokio::sync::Mutex<FlightLog>,
 }
@@ -106,6 +107,10 @@ pub enum Ticket {
     /// The answer came from a cache that has been replaced since: replay now.
     AlreadyReloaded,
     Flight(Arc<Flight>),
+    /// The reload that cures this was asked for; replay with back-off until it shows.
+    Settle {
+        backoff: Duration,
+    },
 }
 
 #[derive(Debug)]
@@ -128,13 +133,13 @@ impl ReloadCoordinator {
     /// Starts the coordinator and its watch on the channel for reloads others ask for.
     pub fn start(
         notifier: Arc<Notifier>,
-        load_counter: Option<LoadCounter>,
+        load_counters: Vec<LoadCounter>,
         settings: WaitSettings,
     ) -> Arc<ReloadCoordinator> {
         let mut observed = notifier.subscribe();
         let coordinator = Arc::new(ReloadCoordinator {
             notifier,
-            load_counter,
+            load_counters,
             settings,
             flights: tokio::sync::Mutex::new(FlightLog::default()),
         });
@@ -211,79 +216,108 @@ impl ReloadCoordinator {
     /// PostgREST's load counter tells when a reload is done; without it, six back-off replays
     /// (about 25, 75, 225, 675 ms, then 1 s apart) that together cover a reload of about 3 s.
     pub fn replay_budget(&self) -> u32 {
-        if self.load_counter.is_some() {
+        if !self.load_counters.is_empty() {
             MAX_REPLAYS_OBSERVED
         } else {
             MAX_REPLAYS_BACKOFF
         }
     }
 
-    async fn read_baseline(&self, deadline: Instant) -> Option<u64> {
-        let counter = self.load_counter.as_ref()?;
-        match tokio::time::timeout_at(deadline, counter.successful_loads()).await {
-            Ok(Ok(count)) => Some(count),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "PostgREST's load counter did not answer before the deadline; waiting with back-off instead"
-                );
-                None
+    /// Every instance's load counter before the NOTIFY; None (wait with back-off) when there is
+    /// no admin URL or any instance cannot be read.
+    async fn read_baseline(&self, deadline: Instant) -> Option<Vec<u64>> {
+        if self.load_counters.is_empty() {
+            return None;
+        }
+        let reads =
+            self.load_counters.iter().map(|counter| tokio::time::timeout_at(deadline, counter.successful_loads()));
+        let mut baseline = Vec::with_capacity(self.load_counters.len());
+        for read in futures_util::future::join_all(reads).await {
+            match read {
+                Ok(Ok(count)) => baseline.push(count),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "PostgREST's load counter did not answer before the deadline; waiting with back-off instead"
+                    );
+                    return None;
+                }
             }
         }
+        Some(baseline)
     }
 
-    fn new_flight(&self, baseline: Option<u64>) -> Arc<Flight> {
+    fn new_flight(&self, baseline: Option<Vec<u64>>) -> Arc<Flight> {
         let notified_at = Instant::now();
-        let (completion, poller) = match (baseline, &self.load_counter) {
-            (Some(baseline), Some(counter)) => {
+        let (completion, poller) = match baseline {
+            Some(baseline) => {
                 let (publish, rises) = watch::channel(0);
-                (Completion::LoadCounter { rises }, Some((counter.clone(), publish, baseline)))
+                (Completion::LoadCounter { rises }, Some((publish, baseline)))
             }
-            _ => (Completion::Backoff { backoff: self.settings.backoff }, None),
+            None => (Completion::Backoff { backoff: self.settings.backoff }, None),
         };
         let flight = Arc::new(Flight { notified_at, completion, completed_at: Mutex::new(None) });
-        if let Some((counter, publish, baseline)) = poller {
-            spawn_load_poller(Arc::downgrade(&flight), counter, publish, baseline, self.settings.clone());
+        if let Some((publish, baseline)) = poller {
+            let instances = self.load_counters.iter().cloned().zip(baseline).map(|(c, b)| InstanceLoads::new(c, b));
+            spawn_load_poller(Arc::downgrade(&flight), instances.collect(), publish, self.settings.clone());
         }
         flight
     }
 }
 
-/// Publishes the loads finished since `baseline` until there are two or time is up, and marks the flight
-/// complete at the first rise, so later failures stop joining it.
+/// What one PostgREST instance has loaded since a flight's NOTIFY.
+struct InstanceLoads {
+    counter: LoadCounter,
+    baseline: u64,
+    unreachable_since_baseline: bool,
+    rises: u64,
+}
+
+impl InstanceLoads {
+    fn new(counter: LoadCounter, baseline: u64) -> InstanceLoads {
+        InstanceLoads { counter, baseline, unreachable_since_baseline: false, rises: 0 }
+    }
+
+    async fn poll(&mut self) {
+        let count = match self.counter.successful_loads().await {
+            Ok(count) => count,
+            Err(ProbeError::Unreachable(_)) => {
+                self.unreachable_since_baseline = true;
+                return;
+            }
+            Err(ProbeError::NoMetric) => return,
+        };
+        // A restart loads a fresh cache: as good as both loads the debounce could owe us, once
+        // the new process has finished its first load. It shows as a counter below the baseline,
+        // or as an admin server that went away and came back (the counter of the new process may
+        // well read the same as the old one's).
+        let restarted = count < self.baseline || self.unreachable_since_baseline;
+        self.rises = match (restarted, count) {
+            (true, 0) => 0,
+            (true, _) => 2,
+            (false, _) => count - self.baseline,
+        };
+    }
+}
+
+/// Publishes the loads finished since the baseline by the slowest instance, until there are two or
+/// time is up, and marks the flight complete when every instance has loaded once, so later failures
+/// stop joining it.
 fn spawn_load_poller(
     flight: Weak<Flight>,
-    counter: LoadCounter,
+    mut instances: Vec<InstanceLoads>,
     publish: watch::Sender<u64>,
-    baseline: u64,
     settings: WaitSettings,
 ) {
     tokio::spawn(async move {
         let started = Instant::now();
-        let mut unreachable_since_baseline = false;
         while started.elapsed() < settings.deadline {
             tokio::time::sleep(settings.poll).await;
-            let count = match counter.successful_loads().await {
-                Ok(count) => count,
-                Err(ProbeError::Unreachable(_)) => {
-                    unreachable_since_baseline = true;
-                    continue;
-                }
-                Err(ProbeError::NoMetric) => continue,
-            };
-            // A restart loads a fresh cache: as good as both loads the debounce could owe us, once
-            // the new process has finished its first load. It shows as a counter below the
-            // baseline, or as an admin server that went away and came back (the counter of the
-            // new process may well read the same as the old one's).
-            let restarted = count < baseline || unreachable_since_baseline;
-            let rises = match (restarted, count) {
-                (true, 0) => 0,
-                (true, _) => 2,
-                (false, _) => count - baseline,
-            };
+            futures_util::future::join_all(instances.iter_mut().map(InstanceLoads::poll)).await;
+            let rises = instances.iter().map(|i| i.rises).min().unwrap_or(0);
             if rises > 0 {
                 match flight.upgrade() {
                     Some(flight) => flight.mark_completed(Instant::now()),
@@ -314,6 +348,7 @@ impl Ticket {
     pub async fn wait_before_replay(&self, attempt: u32, deadline: Instant) -> bool {
         let flight = match self {
             Ticket::AlreadyReloaded => return attempt == 1,
+            Ticket::Settle { backoff } => return backoff_wait(attempt, *backoff, deadline).await,
             Ticket::Flight(flight) => flight,
         };
         match &flight.completion {
@@ -334,6 +369,18 @@ impl Ticket {
                 matches!(reached, Ok(Ok(_)))
             }
             Completion::Backoff { backoff } => backoff_wait(attempt, *backoff, deadline).await,
+        }
+    }
+
+    pub fn settle(backoff: Duration) -> Ticket {
+        Ticket::Settle { backoff }
+    }
+
+    /// When the NOTIFY this ticket waits on was sent or seen.
+    pub fn notified_at(&self) -> Option<Instant> {
+        match self {
+            Ticket::Flight(flight) => Some(flight.notified_at),
+            _ => None,
         }
     }
 

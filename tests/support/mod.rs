@@ -9,6 +9,7 @@ pub mod guard;
 pub mod pg;
 pub mod pki;
 pub mod postgrest;
+pub mod relay;
 
 use std::time::Duration;
 
