@@ -52,6 +52,12 @@ pub const KEYS: &[Key] = &[
     ),
     key("PGRST_GUARD_ADMIN_LISTEN", "admin_listen", None, "address of the guard's own /healthz, /readyz and /metrics"),
     key(
+        "PGRST_GUARD_TRUSTED_PROXIES",
+        "trusted_proxies",
+        None,
+        "proxies (CIDR list) whose X-Forwarded-*/Forwarded headers are kept and appended to; from anyone else they are replaced",
+    ),
+    key(
         "PGRST_GUARD_HEAL_DEADLINE_MS",
         "heal_deadline_ms",
         Some("10000"),
@@ -353,6 +359,7 @@ pub struct Config {
     pub rest_prefix: Option<String>,
     pub passthrough_upstream: Option<UpstreamUrl>,
     pub admin_listen: Option<SocketAddr>,
+    pub trusted_proxies: Vec<crate::forwarded::IpNet>,
     pub heal_deadline: Duration,
     pub replay_body_limit: usize,
     pub retry_backoff: Duration,
@@ -508,6 +515,16 @@ impl Config {
             })
             .transpose()?
             .unwrap_or_default();
+        let trusted_proxies = get("PGRST_GUARD_TRUSTED_PROXIES")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|net| !net.is_empty())
+                    .map(|net| net.parse().map_err(|p: String| error("PGRST_GUARD_TRUSTED_PROXIES", p)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
         let admin_listen =
             get("PGRST_GUARD_ADMIN_LISTEN").map(|v| socket("PGRST_GUARD_ADMIN_LISTEN", v)).transpose()?;
         if admin_listen == Some(listen) && listen.port() != 0 {
@@ -541,6 +558,7 @@ impl Config {
             db_uri,
             db_channel,
             upstream_admin,
+            trusted_proxies,
             upstream_ca_file,
             rest_prefix,
             passthrough_upstream,

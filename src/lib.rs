@@ -20,6 +20,7 @@ pub mod body;
 pub mod config;
 pub mod doctor;
 pub mod error;
+pub mod forwarded;
 pub mod gateway;
 pub mod heal;
 pub mod metrics;
@@ -172,6 +173,7 @@ impl RunningGuard {
             max_header_bytes: config.max_header_bytes,
             max_body_bytes: config.max_body_bytes,
             drain: config.shutdown_timeout,
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         // One single-threaded runtime per worker, each with its own SO_REUSEPORT listener and its

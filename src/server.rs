@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response};
+use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,6 +22,7 @@ use tower::{Service, ServiceExt};
 
 use crate::body::{GuardBody, RequestBody};
 use crate::error::{GuardError, GuardErrorKind};
+use crate::forwarded::{is_trusted, ClientAddr, IpNet};
 use crate::metrics::Metrics;
 
 /// What one client may hold and send.
@@ -34,6 +35,8 @@ pub struct ServerLimits {
     pub max_body_bytes: Option<u64>,
     /// How long open requests get to finish after the shutdown signal.
     pub drain: Duration,
+    /// Peers whose forwarding headers are believed (`PGRST_GUARD_TRUSTED_PROXIES`).
+    pub trusted_proxies: Arc<Vec<IpNet>>,
 }
 
 impl ServerLimits {
@@ -45,6 +48,7 @@ impl ServerLimits {
             max_header_bytes: 16 * 1024,
             max_body_bytes: Some(0),
             drain: Duration::from_secs(1),
+            trusted_proxies: Arc::new(Vec::new()),
         }
     }
 }
@@ -125,9 +129,9 @@ where
     S::Future: Send + 'static,
 {
     // Made once per connection: every request on it comes from the same address.
-    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value");
+    let client = ClientAddr { ip: peer.ip(), trusted: is_trusted(&limits.trusted_proxies, peer.ip()) };
     service_fn(move |request: Request<Incoming>| {
-        let client_ip = client_ip.clone();
+        let client = client.clone();
         let service = service.clone();
         let metrics = metrics.clone();
         let limits = limits.clone();
@@ -137,7 +141,7 @@ where
                 Some(error) => error.into_response(request.headers()),
                 None => {
                     let (mut parts, body) = request.into_parts();
-                    add_forwarded_for(&mut parts.headers, &client_ip);
+                    parts.extensions.insert(client);
                     let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
                     service.oneshot(request).await?
                 }
@@ -148,25 +152,6 @@ where
             Ok::<_, Infallible>(response)
         }
     })
-}
-
-/// Appends the client's address to `X-Forwarded-For`.
-fn add_forwarded_for(headers: &mut http::HeaderMap, client_ip: &HeaderValue) {
-    let name = header::HeaderName::from_static("x-forwarded-for");
-    let appended = headers.get(&name).map(|previous| {
-        let mut value = previous.as_bytes().to_vec();
-        value.extend_from_slice(b", ");
-        value.extend_from_slice(client_ip.as_bytes());
-        HeaderValue::from_bytes(&value)
-    });
-    match appended {
-        Some(Ok(value)) => {
-            headers.insert(name, value);
-        }
-        Some(Err(_)) | None => {
-            headers.insert(name, client_ip.clone());
-        }
-    }
 }
 
 fn over_limits(request: &Request<Incoming>, limits: &ServerLimits) -> Option<GuardError> {

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper_util::client::legacy::Client;
@@ -17,20 +17,9 @@ use tower::Service;
 use crate::body::{BoxError, GuardBody, GuardFuture};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::{GuardError, GuardErrorKind};
+use crate::forwarded::{set_forwarding_headers, strip_hop_by_hop, ClientAddr};
 use crate::metrics::Metrics;
 use crate::tls::{upstream_connector, UpstreamConnector};
-
-/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
 
 pub struct Forwarder<B> {
     client: Client<UpstreamConnector, B>,
@@ -123,7 +112,8 @@ where
                     .into_response_for(origin.as_ref())
             }
         };
-        prepare_request_headers(&mut parts.headers, &self.host_header, original_host);
+        let client = parts.extensions.get::<ClientAddr>().cloned();
+        prepare_request_headers(&mut parts.headers, &self.host_header, original_host, client.as_ref());
         if let Some(protocol) = &upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
@@ -227,29 +217,15 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     crate::error::causes(e).map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-}
-
-/// Hop-by-hop headers out; `Host` becomes the upstream's; `X-Forwarded-Host` and `-Proto` say
-/// where the request came from (`X-Forwarded-For` is set where the connection is accepted).
-fn prepare_request_headers(headers: &mut HeaderMap, upstream_host: &HeaderValue, original_host: Option<HeaderValue>) {
+/// Hop-by-hop headers out first, then the forwarding headers (so `Connection` cannot name them
+/// away), and `Host` becomes the upstream's.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    upstream_host: &HeaderValue,
+    original_host: Option<HeaderValue>,
+    client: Option<&ClientAddr>,
+) {
     strip_hop_by_hop(headers);
-    if let Some(host) = original_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    }
+    set_forwarding_headers(headers, client, original_host);
     headers.insert(header::HOST, upstream_host.clone());
 }

@@ -48,10 +48,7 @@ fn the_compose_file_wires_the_guard_to_postgrest_and_postgres() {
     let config = Config::from_raw(&guard_env.clone().into_iter().collect::<RawConfig>())
         .expect("the guard's environment is valid");
     assert_eq!(config.upstream.to_string(), format!("http://rest:{}", rest_env["PGRST_SERVER_PORT"]));
-    assert_eq!(
-        config.upstream_admin[0].to_string(),
-        format!("http://rest:{}", rest_env["PGRST_ADMIN_SERVER_PORT"])
-    );
+    assert_eq!(config.upstream_admin[0].to_string(), format!("http://rest:{}", rest_env["PGRST_ADMIN_SERVER_PORT"]));
     assert_eq!(config.db_channel, rest_env["PGRST_DB_CHANNEL"]);
     assert_eq!(config.db_schemas.join(","), rest_env["PGRST_DB_SCHEMAS"]);
     assert!(guard_env["PGRST_GUARD_DB_URI"].contains("@db:5432/postgres"));

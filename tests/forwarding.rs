@@ -233,3 +233,54 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     let metrics = http.get(&format!("{admin}/metrics")).await.text();
     assert!(metrics.contains("pgrst_guard_responses_total{status=\"200\"} 1"), "{metrics}");
 }
+
+/// What the real PostgREST saw of a request, from inside its transaction.
+const SEEN_HEADERS: &str =
+    "CREATE FUNCTION seen_headers() RETURNS json LANGUAGE sql STABLE AS $$ SELECT current_setting('request.headers', true)::json $$;";
+
+const FORGERIES: [(&str, &str); 6] = [
+    ("connection", "x-forwarded-for, x-forwarded-proto"),
+    ("x-forwarded-for", "6.6.6.6"),
+    ("forwarded", "for=6.6.6.6;proto=https"),
+    ("x-real-ip", "6.6.6.6"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "evil.example"),
+];
+
+async fn headers_postgrest_saw(family: support::postgrest::Family, trusted: Option<&str>) -> serde_json::Value {
+    let bed = RealBed::start(family, SEEN_HEADERS).await;
+    let extra: Vec<(&str, &str)> = trusted.map(|t| vec![("PGRST_GUARD_TRUSTED_PROXIES", t)]).unwrap_or_default();
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &extra).await;
+    // A trusted proxy does not name its own forwarding headers in `Connection`.
+    let skip = usize::from(trusted.is_some());
+    let mut headers: Vec<(&str, &str)> = FORGERIES[skip..].to_vec();
+    headers.extend([
+        ("apikey", "sb_publishable_key"),
+        ("prefer", "tx=commit"),
+        ("accept-profile", "public"),
+        ("x-retry-count", "2"),
+    ]);
+    let r = bed.http.send(Method::GET, &format!("{}/rpc/seen_headers", guard.url()), &headers, "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()
+}
+
+family_matrix!(forwarding_headers_cannot_be_erased_or_forged, |family| async move {
+    let seen = headers_postgrest_saw(family, None).await;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen}");
+    assert_ne!(seen["x-forwarded-host"], "evil.example", "{seen}");
+    assert!(seen.get("forwarded").is_none() && seen.get("x-real-ip").is_none(), "{seen}");
+    assert_eq!(seen["apikey"], "sb_publishable_key");
+    assert_eq!(seen["prefer"], "tx=commit");
+    assert_eq!(seen["accept-profile"], "public");
+    assert_eq!(seen["x-retry-count"], "2");
+});
+
+#[tokio::test]
+async fn a_trusted_proxys_forwarding_headers_are_kept_and_appended_to() {
+    let seen = headers_postgrest_saw(support::postgrest::Family::V14, Some("127.0.0.0/8")).await;
+    assert_eq!(seen["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{seen}");
+    assert_eq!(seen["forwarded"], "for=6.6.6.6;proto=https", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "https", "{seen}");
+}

@@ -16,6 +16,7 @@ use super::classify::MissingObject;
 use super::classify::{self, RequestFacts, Verdict};
 use super::replay_body::ReplayBody;
 use crate::body::{GuardBody, GuardFuture};
+use crate::forwarded::ClientAddr;
 use crate::metrics::Metrics;
 use crate::reload::coordinator::backoff_wait;
 use crate::reload::coordinator::JoinRule;
@@ -67,6 +68,8 @@ struct RequestTemplate {
     uri: Uri,
     version: Version,
     headers: http::HeaderMap,
+    /// The client's address, which the forwarder turns into forwarding headers.
+    client: Option<ClientAddr>,
 }
 
 impl RequestTemplate {
@@ -80,6 +83,9 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
+        if let Some(client) = &self.client {
+            request.extensions_mut().insert(client.clone());
+        }
         request
     }
 }
@@ -135,6 +141,7 @@ impl<S> HealService<S> {
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
+            client: parts.extensions.get::<ClientAddr>().cloned(),
         };
         let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit);
         let sent_at = Instant::now();
