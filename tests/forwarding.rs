@@ -114,7 +114,8 @@ async fn an_unreachable_upstream_gets_a_502_a_browser_can_read() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
-    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("access-control-allow-credentials"), None);
     let body = r.json();
     assert_eq!(body["code"], "PGRSTG01");
     assert_eq!(body["message"], "Could not reach PostgREST.");
@@ -130,7 +131,8 @@ async fn a_silent_upstream_gets_a_504_in_time() {
     let r = http.send(Method::GET, &format!("{}/slow", guard.url()), &[("origin", "https://app.example")], "").await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.json()["code"], "PGRSTG02");
-    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("access-control-allow-credentials"), None);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -283,4 +285,46 @@ async fn a_trusted_proxys_forwarding_headers_are_kept_and_appended_to() {
     assert_eq!(seen["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{seen}");
     assert_eq!(seen["forwarded"], "for=6.6.6.6;proto=https", "{seen}");
     assert_eq!(seen["x-forwarded-proto"], "https", "{seen}");
+}
+
+family_matrix!(
+    the_guards_own_answers_carry_the_cors_headers_postgrest_sends,
+    |family: support::postgrest::Family| async move {
+        let bed = RealBed::start(family, "CREATE TABLE t (id int)").await;
+        let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+        let origin = [("origin", "https://app.example")];
+        let postgrest = bed.http.send(Method::GET, &bed.url("/no_such_table"), &origin, "").await;
+        bed.postgrest.stop().await;
+        let r = bed.http.send(Method::GET, &format!("{}/t", guard.url()), &origin, "").await;
+        assert_eq!((r.status, r.json()["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("PGRSTG01")));
+        assert_eq!(r.header("access-control-allow-credentials"), None, "never an echoed origin with credentials");
+        assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+        match postgrest.header("access-control-allow-origin") {
+            // Any origin, no credentials (v12 on): the same, plus the guard's two headers exposed.
+            Some("*") => {
+                let exposed = postgrest.header("access-control-expose-headers").unwrap();
+                assert!(r.header("access-control-expose-headers").unwrap().starts_with(exposed), "{exposed}");
+            }
+            // v11 echoes the Origin with credentials; the guard's answers never do.
+            echoed => assert_eq!(echoed, Some("https://app.example"), "{family:?}"),
+        }
+    }
+);
+
+/// PostgREST closes idle keep-alive connections after 30 s: a write sent after a longer pause must
+/// not meet a connection the guard kept in its pool.
+#[tokio::test]
+async fn a_pooled_connection_postgrest_closed_never_costs_a_request() {
+    let bed = RealBed::start(support::postgrest::Family::V14, "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let url = format!("{}/t", guard.url());
+    for id in 0..4 {
+        assert_eq!(bed.http.post_json(&url, &format!(r#"{{"id":{id}}}"#)).await.status, StatusCode::CREATED);
+    }
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    for id in 10..14 {
+        let r = support::client::HttpClient::new().post_json(&url, &format!(r#"{{"id":{id}}}"#)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    }
+    assert_eq!(bed.scalar("SELECT count(*) FROM t").await, 8);
 }

@@ -53,7 +53,7 @@ async fn connections_over_the_limit_get_503() {
     let answer = read_all(&mut third).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains(r#""code":"PGRSTG05""#), "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("access-control-allow-origin: https://app.example"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("access-control-allow-origin: *"), "{answer}");
     drop(held);
     // Once a held connection closes, new ones are served again.
     let http = HttpClient::new();
