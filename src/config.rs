@@ -331,19 +331,90 @@ pub fn redact_password(uri: &str) -> String {
     if let Some(scheme_end) = uri.find("://") {
         let rest = &uri[scheme_end + 3..];
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{}{}:***{}", &uri[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
+        let mut redacted = uri[..scheme_end + 3].to_string();
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        redacted.push_str(&format!("{}:***{}", &userinfo[..colon], &rest[at..authority_end]))
+                    }
+                    None => redacted.push_str(&rest[..authority_end]),
+                }
             }
+            None => redacted.push_str(&rest[..authority_end]),
         }
-        return uri.to_string();
+        // `?password=...` is a password too (libpq and tokio-postgres accept it there).
+        let tail = &rest[authority_end..];
+        match tail.split_once('?') {
+            Some((path, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                redacted.push_str(&format!("{path}?{}", params.join("&")));
+            }
+            None => redacted.push_str(tail),
+        }
+        return redacted;
     }
-    // key=value form
-    uri.split_whitespace()
-        .map(|pair| if pair.starts_with("password=") { "password=***" } else { pair })
-        .collect::<Vec<_>>()
-        .join(" ")
+    redact_conninfo_password(uri)
+}
+
+/// `password=x`, `password = 'x y'` (with `\'` escapes) in libpq's key/value form become `***`.
+fn redact_conninfo_password(conninfo: &str) -> String {
+    let mut out = String::with_capacity(conninfo.len());
+    let mut rest = conninfo;
+    while let Some(found) = find_key(rest, "password") {
+        let (before, after_key) = rest.split_at(found);
+        out.push_str(before);
+        let after_key = &after_key["password".len()..];
+        let Some(after_eq) = after_key.trim_start().strip_prefix('=') else {
+            out.push_str("password");
+            rest = after_key;
+            continue;
+        };
+        out.push_str("password=***");
+        let value = after_eq.trim_start();
+        rest = match value.strip_prefix('\'') {
+            Some(quoted) => {
+                let mut end = quoted.len();
+                let mut escaped = false;
+                for (i, c) in quoted.char_indices() {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '\'') => {
+                            end = i + 1;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                &quoted[end.min(quoted.len())..]
+            }
+            None => &value[value.find(char::is_whitespace).unwrap_or(value.len())..],
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where `key` starts as a whole word (at the start or after whitespace).
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(key).map(|i| i + from) {
+        let starts_word = i == 0 || text[..i].ends_with(char::is_whitespace);
+        let rest = text[i + key.len()..].trim_start();
+        if starts_word && rest.starts_with('=') {
+            return Some(i);
+        }
+        from = i + key.len();
+    }
+    None
 }
 
 #[derive(Clone, Debug)]
@@ -672,5 +743,13 @@ mod tests {
         );
         assert_eq!(redact_password("host=h password=pw user=u"), "host=h password=*** user=u");
         assert_eq!(redact_password("postgres://me@host/db"), "postgres://me@host/db");
+        assert_eq!(
+            redact_password("postgres://u@h/db?sslmode=require&password=secret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(redact_password("postgresql://u:p@h?password=q"), "postgresql://u:***@h?password=***");
+        assert_eq!(redact_password("host=h password = 'a b\\' c' user=u"), "host=h password=*** user=u");
+        assert_eq!(redact_password("password=x"), "password=***");
+        assert_eq!(redact_password("user=password dbname=d"), "user=password dbname=d");
     }
 }

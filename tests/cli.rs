@@ -94,33 +94,42 @@ fn flags_win_over_environment_which_wins_over_the_file() {
 
 #[test]
 fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
-    let port = support::pg::free_port();
-    let mut child = guard()
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "http://127.0.0.1:9/rest/v1"])
-        .env("PGRST_GUARD_DB_URI", "postgres://authenticator:s3cret-pw@127.0.0.1:1/postgres")
-        .env("PGRST_GUARD_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains("pgrst-guard listening") {
-            break;
+    // Every form a password can take in a PostgreSQL connection string.
+    for (db_uri, shown) in [
+        ("postgres://authenticator:s3cret-pw@127.0.0.1:1/postgres", "authenticator:***@"),
+        ("postgres://authenticator@127.0.0.1:1/postgres?password=s3cret-pw", "password=***"),
+        ("host=127.0.0.1 port=1 user=authenticator password='s3cret-pw' dbname=postgres", "password=***"),
+    ] {
+        let port = support::pg::free_port();
+        let mut child = guard()
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "http://127.0.0.1:9/rest/v1"])
+            .env("PGRST_GUARD_DB_URI", db_uri)
+            .env("PGRST_GUARD_LOG_FORMAT", "json")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            seen.push(line.clone());
+            if line.contains("pgrst-guard listening") {
+                break;
+            }
         }
-    }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    seen.extend(lines.map_while(Result::ok));
-    assert_eq!(exit.code(), Some(0), "SIGTERM stops with 0; log: {seen:?}");
-    let log = seen.join("\n");
-    assert!(log.contains("pgrst-guard listening"), "{log}");
-    assert!(log.contains("authenticator:***@"), "{log}");
-    assert!(!log.contains("s3cret-pw"), "password leaked: {log}");
-    for line in &seen {
-        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        // Let the database connection attempt fail and be logged too.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = child.wait().unwrap();
+        seen.extend(lines.map_while(Result::ok));
+        assert_eq!(exit.code(), Some(0), "SIGTERM stops with 0; log: {seen:?}");
+        let log = seen.join("\n");
+        assert!(log.contains("pgrst-guard listening"), "{log}");
+        assert!(log.contains(shown), "{log}");
+        assert!(!log.contains("s3cret-pw"), "password leaked: {log}");
+        for line in &seen {
+            serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        }
     }
 }

@@ -208,10 +208,13 @@ family_matrix!(answers_through_the_guard_are_postgrests_own, |family| async move
     for (method, path, headers, body) in cases {
         // Writes change what the next one sees (an upsert inserts, then updates): the comparison
         // is between two sends that find the same state.
-        bed.http.send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
+        // Direct requests on fresh connections: PostgREST 11 leaves a connection unusable after
+        // a HEAD, which a pooled test client would trip over.
+        let direct_once = support::client::HttpClient::new;
+        direct_once().send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
         let through =
             bed.http.send(method.clone(), &format!("{}{path}", guard.url()), &headers, body.to_string()).await;
-        let direct = bed.http.send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
+        let direct = direct_once().send(method.clone(), &bed.url(path), &headers, body.to_string()).await;
         let what = format!("{family:?} {method} {path}");
         assert_eq!(through.status, direct.status, "{what}: {}", through.text());
         assert_eq!(through.body, direct.body, "{what}");
