@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request};
+use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -112,11 +112,18 @@ pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Findi
         .await
         .map(|row| row.get(0))
         .unwrap_or(0);
+    // What the server says about this very connection, not what sslmode asked for.
+    let encryption =
+        match client.query_opt("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl", &[]).await {
+            Ok(Some(row)) => format!("encrypted ({})", row.get::<_, Option<String>>(0).unwrap_or_default()),
+            Ok(None) => "NOT encrypted".to_string(),
+            Err(e) => format!("encryption unknown: {}", crate::reload::notifier::describe(&e)),
+        };
     note(finding(
         Status::Ok,
         "database",
         format!(
-            "{} (PostgreSQL {version}, TLS {:?}); {listeners} session(s) visibly LISTENing on {:?}",
+            "{} (PostgreSQL {version}, sslmode {:?}, connection {encryption}); {listeners} session(s) visibly LISTENing on {:?}",
             config.db_uri.redacted(),
             config.db_uri.ssl_mode(),
             config.db_channel
@@ -138,16 +145,34 @@ async fn check_upstream(upstream: &UpstreamUrl, https: rustls::ClientConfig, con
     match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
         Ok(Ok(response)) => {
             let server = response.headers().get(header::SERVER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let openapi = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/openapi+json"));
             let status = response.status();
             let _ = response.into_body().collect().await;
-            match server.strip_prefix("postgrest/") {
-                Some(version) => {
+            match (server.strip_prefix("postgrest/"), openapi, status) {
+                (Some(version), _, _) => {
                     finding(Status::Ok, "upstream", format!("{upstream} answered {status}; PostgREST {version}"))
                 }
-                None => finding(
+                (None, true, _) => finding(
+                    Status::Ok,
+                    "upstream",
+                    format!("{upstream} answered {status} with PostgREST's OpenAPI description (behind a proxy)"),
+                ),
+                // A gateway (Supabase's) that wants an apikey before it says anything.
+                (None, false, StatusCode::UNAUTHORIZED) => finding(
                     Status::Warn,
                     "upstream",
-                    format!("{upstream} answered {status} but its Server header ({server:?}) does not name PostgREST"),
+                    format!("{upstream} answered 401 without naming PostgREST: a gateway asking for an apikey?"),
+                ),
+                (None, false, _) => finding(
+                    Status::Fail,
+                    "upstream",
+                    format!(
+                        "{upstream} answered {status}, but it is not PostgREST (Server {server:?}, no OpenAPI description)"
+                    ),
                 ),
             }
         }
@@ -162,7 +187,7 @@ async fn connect_database(config: &Config) -> Result<tokio_postgres::Client, Str
     let (client, connection) = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
         .map_err(|_| "no connection within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::reload::notifier::describe(&e))?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -174,7 +199,11 @@ async fn check_reload(client: &tokio_postgres::Client, counter: Option<&LoadCoun
         None => None,
     };
     if let Err(e) = client.execute("SELECT pg_notify($1, 'reload schema')", &[&config.db_channel]).await {
-        return finding(Status::Fail, "reload", format!("NOTIFY on {:?} failed: {e}", config.db_channel));
+        return finding(
+            Status::Fail,
+            "reload",
+            format!("NOTIFY on {:?} failed: {}", config.db_channel, crate::reload::notifier::describe(&e)),
+        );
     }
     let (Some(counter), Some(before)) = (counter, before) else {
         return finding(

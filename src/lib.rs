@@ -178,6 +178,7 @@ impl RunningGuard {
         let (shutdown, shutdown_rx) = watch::channel(false);
         // One single-threaded runtime per worker, each with its own SO_REUSEPORT listener and its
         // own upstream connection pool: no work stealing and no shared pool lock on the request path.
+        server::ensure_free(config.listen)?;
         let first = server::bind_reusable(config.listen)?;
         let addr = first.local_addr()?;
         let mut first = Some(first.into_std()?);

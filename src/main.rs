@@ -88,7 +88,6 @@ async fn run(config: Config) -> i32 {
     let guard = match RunningGuard::start(config).await {
         Ok(guard) => guard,
         Err(e) => {
-            tracing::error!(%listen, error = %e, "cannot listen");
             eprintln!("pgrst-guard: cannot listen on {listen}: {e}");
             return 1;
         }

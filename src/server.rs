@@ -202,6 +202,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Fails with "address in use" when another process listens on `addr`: SO_REUSEPORT would let a
+/// second guard bind the same address silently and take half the connections.
+pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
+    Ok(())
+}
+
 /// A listener that others may join on the same address (SO_REUSEPORT), so that each worker
 /// accepts its own share of the connections. Needs a runtime.
 pub fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -133,3 +133,28 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
         }
     }
 }
+
+#[test]
+fn a_second_guard_on_the_same_address_fails_with_one_clear_line() {
+    let port = support::pg::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        guard()
+            .args(["--listen", &listen, "--db-uri", "postgres://u@127.0.0.1:1/db"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = start();
+    let mut first_log = BufReader::new(first.stderr.take().unwrap()).lines();
+    assert!(first_log.any(|l| l.is_ok_and(|l| l.contains("pgrst-guard listening"))), "the first guard listens");
+    let second = start().wait_with_output().unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_ne!(second.status.code(), Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].to_ascii_lowercase().contains("address already in use") && lines[0].contains(&listen), "{stderr}");
+}

@@ -71,3 +71,30 @@ async fn an_unreachable_upstream_fails() {
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("FAIL upstream"), "{report}");
 }
+
+#[tokio::test]
+async fn an_upstream_that_is_not_postgrest_fails() {
+    let bed = RealBed::start(Family::V14, "CREATE TABLE t (id int);").await;
+    let echo = support::echo::EchoServer::start().await;
+    let mut a = args(&bed, &[]);
+    a[1] = echo.url();
+    let out = doctor(a).await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("FAIL upstream") && report.contains("not PostgREST"), "{report}");
+}
+
+#[tokio::test]
+async fn database_errors_show_postgresqls_own_message_and_whether_tls_is_on() {
+    let bed = RealBed::start(Family::V14, "CREATE TABLE t (id int);").await;
+    let out = doctor(args(&bed, &[])).await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("connection NOT encrypted"), "{report}");
+
+    let mut a = args(&bed, &[]);
+    a[5] = format!("{}/no_such_db", a[5].rsplit_once('/').unwrap().0);
+    let out = doctor(a).await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("database \"no_such_db\" does not exist") && report.contains("3D000"), "{report}");
+}

@@ -167,7 +167,7 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
                         backoff = Duration::from_millis(250);
                     }
                     Err(e) => {
-                        tracing::warn!(db = %db_uri.redacted(), error = %e, "database connection set-up failed")
+                        tracing::warn!(db = %db_uri.redacted(), error = %describe(&e), "database connection set-up failed")
                     }
                 }
                 drop(this);
@@ -179,7 +179,7 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
                 *this.client.write().await = None;
                 match ended {
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "database connection for reload NOTIFY lost; healing paused until it is back")
+                        tracing::warn!(error = %describe(&e), "database connection for reload NOTIFY lost; healing paused until it is back")
                     }
                     _ => {
                         tracing::warn!("database connection for reload NOTIFY closed; healing paused until it is back")
@@ -187,7 +187,7 @@ async fn keep_connected(notifier: Weak<Notifier>, db_uri: DbUri) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(db = %db_uri.redacted(), error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the database for reload NOTIFY")
+                tracing::warn!(db = %db_uri.redacted(), error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "cannot connect to the database for reload NOTIFY")
             }
             Err(_) => {
                 tracing::warn!(db = %db_uri.redacted(), "connecting to the database for reload NOTIFY timed out")
@@ -204,7 +204,7 @@ async fn setup(client: &Client, channel: &str) -> Result<i32, tokio_postgres::Er
     let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let listen = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
     if let Err(e) = client.batch_execute(&listen).await {
-        tracing::warn!(error = %e, channel, "LISTEN failed: reloads sent by others will not be joined");
+        tracing::warn!(error = %describe(&e), channel, "LISTEN failed: reloads sent by others will not be joined");
     }
     Ok(pid)
 }
@@ -213,6 +213,7 @@ async fn setup(client: &Client, channel: &str) -> Result<i32, tokio_postgres::Er
 pub fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
+        // "error connecting to server" alone hides the cause (refused, timed out, TLS): add it.
+        None => crate::error::causes(error).map(ToString::to_string).collect::<Vec<_>>().join(": "),
     }
 }
