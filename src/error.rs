@@ -27,6 +27,8 @@ pub enum GuardErrorKind {
     BodyTooLarge,
     /// A path outside the REST prefix with no pass-through origin: 404.
     NoRoute,
+    /// A method no PostgREST serves (CONNECT): 405, as PostgREST's own PGRST117.
+    MethodNotAllowed,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,13 @@ impl GuardError {
                 "No route for this path.",
                 Some("Only paths under PGRST_GUARD_REST_PREFIX are served; set PGRST_GUARD_PASSTHROUGH_UPSTREAM for the rest."),
                 "destination_not_found",
+            ),
+            GuardErrorKind::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "PGRSTG09",
+                "Unsupported HTTP method.",
+                Some("PostgREST serves GET, HEAD, POST, PATCH, PUT, DELETE and OPTIONS."),
+                "http_request_denied",
             ),
             GuardErrorKind::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response};
+use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -130,14 +130,14 @@ where
 {
     // Made once per connection: every request on it comes from the same address.
     let client = ClientAddr { ip: peer.ip(), trusted: is_trusted(&limits.trusted_proxies, peer.ip()) };
-    service_fn(move |request: Request<Incoming>| {
+    service_fn(move |mut request: Request<Incoming>| {
         let client = client.clone();
         let service = service.clone();
         let metrics = metrics.clone();
         let limits = limits.clone();
         async move {
             let started = Instant::now();
-            let response = match over_limits(&request, &limits) {
+            let response = match over_limits(&request, &limits).or_else(|| normalize_path(&mut request).err()) {
                 Some(error) => error.into_response(request.headers()),
                 None => {
                     let (mut parts, body) = request.into_parts();
@@ -152,6 +152,50 @@ where
             Ok::<_, Infallible>(response)
         }
     })
+}
+
+/// Resolves `.` and `..` segments (also percent-encoded) the way the origin behind a gateway
+/// would, so that routing by prefix sees the path that is really meant: `/rest/v1/../auth/v1/user`
+/// is `/auth/v1/user`. A path that climbs above the root is refused. CONNECT is refused too: no
+/// PostgREST serves it, and a proxy must not tunnel it.
+fn normalize_path<B>(request: &mut Request<B>) -> Result<(), GuardError> {
+    if request.method() == http::Method::CONNECT {
+        return Err(GuardError::new(GuardErrorKind::MethodNotAllowed, "Unsupported HTTP method: CONNECT"));
+    }
+    let path = request.uri().path();
+    let is_dot = |segment: &str| segment == "." || segment.eq_ignore_ascii_case("%2e");
+    let is_dot_dot = |segment: &str| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == ".."
+    };
+    let segments: Vec<&str> = path.split('/').collect();
+    if !segments.iter().any(|s| is_dot(s) || is_dot_dot(s)) {
+        return Ok(());
+    }
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    for segment in segments.iter().skip(1) {
+        if is_dot(segment) {
+            continue;
+        }
+        if is_dot_dot(segment) {
+            if kept.pop().is_none() {
+                return Err(GuardError::new(GuardErrorKind::MalformedRequest, "The path climbs above the root."));
+            }
+            continue;
+        }
+        kept.push(segment);
+    }
+    let mut normalized = format!("/{}", kept.join("/"));
+    if let Some(query) = request.uri().query() {
+        normalized.push('?');
+        normalized.push_str(query);
+    }
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query =
+        Some(normalized.parse().map_err(|_| GuardError::new(GuardErrorKind::MalformedRequest, "Invalid path."))?);
+    *request.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| GuardError::new(GuardErrorKind::MalformedRequest, "Invalid path."))?;
+    Ok(())
 }
 
 fn over_limits(request: &Request<Incoming>, limits: &ServerLimits) -> Option<GuardError> {

@@ -98,3 +98,49 @@ async fn without_a_pass_through_origin_other_paths_get_404() {
     assert_eq!(r.status, http::StatusCode::NOT_FOUND);
     assert_eq!(r.json()["code"], "PGRSTG08");
 }
+
+#[tokio::test]
+async fn the_rest_prefix_is_matched_on_the_normalised_path() {
+    let rest = support::echo::EchoServer::start().await;
+    let origin = support::echo::EchoServer::start().await;
+    let guard = support::guard::start_guard_without_waiting(
+        &rest.url(),
+        "postgres://postgres@127.0.0.1:1/postgres",
+        &[("PGRST_GUARD_REST_PREFIX", "/rest/v1"), ("PGRST_GUARD_PASSTHROUGH_UPSTREAM", &origin.url())],
+    )
+    .await;
+    let http = support::client::HttpClient::new();
+    for sneaky in
+        ["/rest/v1/../../auth/v1/user", "/rest/v1/%2e%2e/%2E%2E/auth/v1/user", "/rest/v1/./../.././auth/v1/user"]
+    {
+        let r = http.get(&format!("{}{sneaky}", guard.url())).await;
+        assert_eq!(r.status, http::StatusCode::OK, "{sneaky}");
+        // The echo answers with what it received: the origin, not PostgREST, got the auth path.
+        assert_eq!(r.json()["uri"], "/auth/v1/user", "{sneaky}");
+        assert_eq!(r.json()["headers"]["host"], origin.addr.to_string(), "{sneaky} went to the origin");
+    }
+    // Not under the prefix once resolved: the origin's, as the origin itself would read it.
+    let r = http.get(&format!("{}/rest/v1/../auth/v1/user", guard.url())).await;
+    assert_eq!(r.json()["uri"], "/rest/auth/v1/user");
+    assert_eq!(r.json()["headers"]["host"], origin.addr.to_string());
+    let r = http.get(&format!("{}/rest/v1/./todos?select=id", guard.url())).await;
+    assert_eq!(r.json()["uri"], "/todos?select=id");
+    assert_eq!(r.json()["headers"]["host"], rest.addr.to_string());
+    let r = http.get(&format!("{}/../../etc/passwd", guard.url())).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (http::StatusCode::BAD_REQUEST, Some("PGRSTG03")));
+}
+
+#[tokio::test]
+async fn connect_gets_a_postgrest_shaped_405() {
+    let rest = support::echo::EchoServer::start().await;
+    let guard =
+        support::guard::start_guard_without_waiting(&rest.url(), "postgres://postgres@127.0.0.1:1/postgres", &[]).await;
+    let mut stream = tokio::net::TcpStream::connect(guard.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("\"code\":\"PGRSTG09\""), "{answer}");
+}
