@@ -124,6 +124,12 @@ pub const KEYS: &[Key] = &[
         "time a client has to send its request head; then 408",
     ),
     key(
+        "PGRST_GUARD_IDLE_TIMEOUT_MS",
+        "idle_timeout_ms",
+        Some("120000"),
+        "a client connection (HTTP keep-alive, HTTP/2, WebSocket tunnel) idle this long is closed",
+    ),
+    key(
         "PGRST_GUARD_MAX_CONNECTIONS",
         "max_connections",
         Some("10000"),
@@ -442,6 +448,7 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     /// None: no limit.
@@ -645,6 +652,7 @@ impl Config {
             upstream_connect_timeout: millis("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")?,
             upstream_timeout: millis("PGRST_GUARD_UPSTREAM_TIMEOUT_MS")?,
             header_read_timeout: millis("PGRST_GUARD_HEADER_READ_TIMEOUT_MS")?,
+            idle_timeout: millis("PGRST_GUARD_IDLE_TIMEOUT_MS")?,
             max_connections: match number("PGRST_GUARD_MAX_CONNECTIONS")? {
                 0 => return Err(error("PGRST_GUARD_MAX_CONNECTIONS", "must be greater than 0")),
                 n => n as usize,

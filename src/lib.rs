@@ -134,7 +134,7 @@ async fn spawn_worker(
             };
             let _ = ready_tx.send(Ok(()));
             let metrics = stack.metrics.clone();
-            server::serve(listener, stack.build(), Some(metrics), signalled(shutdown), limits).await;
+            server::serve(listener, stack.build(), Some(metrics), shutdown, limits).await;
         });
         let _ = done_tx.send(());
     })?;
@@ -174,6 +174,7 @@ impl RunningGuard {
             max_body_bytes: config.max_body_bytes,
             drain: config.shutdown_timeout,
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+            idle_timeout: config.idle_timeout,
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         // One single-threaded runtime per worker, each with its own SO_REUSEPORT listener and its
@@ -205,7 +206,7 @@ impl RunningGuard {
                 admin_listener,
                 admin_service,
                 None,
-                signalled(shutdown_rx),
+                shutdown_rx,
                 ServerLimits::admin(),
             )));
         }
@@ -236,8 +237,4 @@ impl Drop for RunningGuard {
             task.abort();
         }
     }
-}
-
-async fn signalled(mut receiver: watch::Receiver<bool>) {
-    let _ = receiver.wait_for(|stop| *stop).await;
 }

@@ -3,7 +3,6 @@
 //! requests and heals finish).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,9 +13,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
@@ -37,6 +35,9 @@ pub struct ServerLimits {
     pub drain: Duration,
     /// Peers whose forwarding headers are believed (`PGRST_GUARD_TRUSTED_PROXIES`).
     pub trusted_proxies: Arc<Vec<IpNet>>,
+    /// A connection (HTTP/1 keep-alive, HTTP/2, WebSocket tunnel) with nothing going on for this
+    /// long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl ServerLimits {
@@ -49,23 +50,23 @@ impl ServerLimits {
             max_body_bytes: Some(0),
             drain: Duration::from_secs(1),
             trusted_proxies: Arc::new(Vec::new()),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves, then waits up to `limits.drain` for
+/// Serves `service` on `listener` until `shutdown` turns true, then waits up to `limits.drain` for
 /// open requests to finish.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     metrics: Option<Arc<Metrics>>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: watch::Receiver<bool>,
     limits: ServerLimits,
 ) where
     S: Service<Request<RequestBody>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -73,10 +74,20 @@ pub async fn serve<S>(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size((limits.max_header_bytes + 16 * 1024).max(64 * 1024))
         .max_headers(1000);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32 + 16 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32 + 16 * 1024)
+        // A peer that stops answering pings is gone: its connection (and its slot) is freed.
+        .keep_alive_interval(Some(HTTP2_PING_INTERVAL))
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT);
     let connections = limits.connections.clone();
-    tokio::pin!(shutdown);
+    // Answers to refused connections, bounded so that a flood of them costs no task each.
+    let refusals = Arc::new(Semaphore::new(MAX_CONCURRENT_REFUSALS));
+    let mut open = tokio::task::JoinSet::new();
+    let mut stop = shutdown.clone();
     loop {
+        while open.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -87,20 +98,48 @@ pub async fn serve<S>(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_connection(stream));
+            match refusals.clone().try_acquire_owned() {
+                Ok(refusing) => {
+                    tokio::spawn(async move {
+                        refuse_connection(stream).await;
+                        drop(refusing);
+                    });
+                }
+                Err(_) => drop(stream),
+            }
             continue;
         };
         // A second handle on the socket, to answer 408 after hyper gives up on a slow request head.
         let Some((stream, spare)) = with_spare_handle(stream) else { continue };
-        let per_request = request_service(service.clone(), metrics.clone(), peer, limits.clone());
+        // The slot is shared with a WebSocket tunnel the connection may turn into, so that the
+        // tunnel counts against the connection cap for as long as it lives.
+        let slot = ConnectionSlot(Arc::new(permit));
+        let activity = Arc::new(Activity::new());
+        let per_request =
+            request_service(service.clone(), metrics.clone(), peer, limits.clone(), slot.clone(), activity.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), per_request).into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        let (mut stop, idle) = (shutdown.clone(), limits.idle_timeout);
+        open.spawn(async move {
+            tokio::pin!(connection);
+            let mut closing = false;
+            let ended = loop {
+                tokio::select! {
+                    ended = connection.as_mut() => break ended,
+                    _ = stopped(&mut stop), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = activity.idle_for(idle), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 if is_header_timeout(e.as_ref()) {
                     let answer = GuardError::new(GuardErrorKind::HeaderTimeout, "").to_http1_bytes();
                     let _ = (&spare).write(&answer);
@@ -108,12 +147,63 @@ pub async fn serve<S>(
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }
-            drop(permit);
+            drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
+    let drained = tokio::time::timeout(limits.drain, async { while open.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
         tracing::warn!(drain_ms = limits.drain.as_millis() as u64, "shutdown deadline passed with requests still open");
+    }
+}
+
+/// Resolves when the shutdown flag turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// HTTP/2 keep-alive: a ping this often, and the connection closes if one is not answered in time.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Refused connections answered at the same time; more are closed without an answer.
+const MAX_CONCURRENT_REFUSALS: usize = 32;
+
+/// A connection's place under `PGRST_GUARD_MAX_CONNECTIONS`, released when the last holder (the
+/// connection, or the WebSocket tunnel it became) is gone.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// Requests in flight on a connection and when the last one began or ended.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { in_flight: std::sync::atomic::AtomicUsize::new(0), last: std::sync::Mutex::new(Instant::now()) }
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        *self.last.lock().expect("activity lock") = Instant::now();
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        *self.last.lock().expect("activity lock") = Instant::now();
+    }
+
+    /// Resolves once the connection has had no request for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = *self.last.lock().expect("activity lock");
+            let busy = self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0;
+            if !busy && last.elapsed() >= idle {
+                return;
+            }
+            tokio::time::sleep_until(if busy { Instant::now() + idle } else { last + idle }).await;
+        }
     }
 }
 
@@ -123,6 +213,8 @@ fn request_service<S>(
     metrics: Option<Arc<Metrics>>,
     peer: SocketAddr,
     limits: ServerLimits,
+    slot: ConnectionSlot,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<Request<Incoming>, Response = Response<GuardBody>, Error = Infallible, Future: Send> + Clone
 where
     S: Service<Request<RequestBody>, Response = Response<GuardBody>, Error = Infallible> + Clone + Send + 'static,
@@ -135,13 +227,17 @@ where
         let service = service.clone();
         let metrics = metrics.clone();
         let limits = limits.clone();
+        let (slot, activity) = (slot.clone(), activity.clone());
         async move {
             let started = Instant::now();
+            activity.begin();
+            let _ended = EndOnDrop(&activity);
             let response = match over_limits(&request, &limits).or_else(|| normalize_path(&mut request).err()) {
                 Some(error) => error.into_response(request.headers()),
                 None => {
                     let (mut parts, body) = request.into_parts();
                     parts.extensions.insert(client);
+                    parts.extensions.insert(slot);
                     let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
                     service.oneshot(request).await?
                 }
@@ -152,6 +248,15 @@ where
             Ok::<_, Infallible>(response)
         }
     })
+}
+
+/// Marks a request's end on its connection, however its future ends.
+struct EndOnDrop<'a>(&'a Activity);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// Resolves `.` and `..` segments (also percent-encoded) the way the origin behind a gateway

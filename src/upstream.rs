@@ -19,7 +19,9 @@ use crate::config::{Config, UpstreamUrl};
 use crate::error::{GuardError, GuardErrorKind};
 use crate::forwarded::{set_forwarding_headers, strip_hop_by_hop, ClientAddr};
 use crate::metrics::Metrics;
+use crate::server::ConnectionSlot;
 use crate::tls::{upstream_connector, UpstreamConnector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// PostgREST closes an idle keep-alive connection after 30 s (measured on v14.17 and v16.2; 60 s on
 /// v11.2.2). A pooled connection must never be handed out after that, or a request sent on it is
@@ -31,6 +33,8 @@ pub struct Forwarder<B> {
     client: Client<UpstreamConnector, B>,
     upstream: UpstreamUrl,
     response_timeout: Duration,
+    /// A WebSocket tunnel with nothing passing for this long is closed.
+    idle_timeout: Duration,
     /// Pass `Upgrade` requests (WebSockets) through as a tunnel.
     upgrades: bool,
     metrics: Option<Arc<Metrics>>,
@@ -43,6 +47,7 @@ impl<B> Clone for Forwarder<B> {
             client: self.client.clone(),
             upstream: self.upstream.clone(),
             response_timeout: self.response_timeout,
+            idle_timeout: self.idle_timeout,
             upgrades: self.upgrades,
             metrics: self.metrics.clone(),
             host_header: self.host_header.clone(),
@@ -67,6 +72,7 @@ where
             client,
             upstream: upstream.clone(),
             response_timeout: config.upstream_timeout,
+            idle_timeout: config.idle_timeout,
             upgrades: false,
             metrics: None,
             host_header: HeaderValue::from_str(upstream.authority.as_str())
@@ -120,6 +126,7 @@ where
             }
         };
         let client = parts.extensions.get::<ClientAddr>().cloned();
+        let slot = if upgrade.is_some() { parts.extensions.get::<ConnectionSlot>().cloned() } else { None };
         prepare_request_headers(&mut parts.headers, &self.host_header, original_host, client.as_ref());
         if let Some(protocol) = &upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -140,7 +147,7 @@ where
             Ok(Ok(mut response)) => {
                 if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, response.status()) {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade, self.idle_timeout, slot));
                     return response.map(GuardBody::Upstream);
                 }
                 let (mut parts, body) = response.into_parts();
@@ -207,17 +214,43 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     connection_upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten()
 }
 
-/// Joins the client's and the upstream's upgraded connections until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
+/// Joins the client's and the upstream's upgraded connections until either side closes or nothing
+/// passes for `idle`. `slot` keeps the tunnel counted against the connection cap while it lives.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    slot: Option<ConnectionSlot>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
+    let (mut from_client, mut from_upstream) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    loop {
+        // The sleep is made anew each turn: any byte either way resets the idle clock.
+        tokio::select! {
+            read = client_read.read(&mut from_client) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if upstream_write.write_all(&from_client[..n]).await.is_err() { break },
+            },
+            read = upstream_read.read(&mut from_upstream) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if client_write.write_all(&from_upstream[..n]).await.is_err() { break },
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!(idle_ms = idle.as_millis() as u64, "closing an idle tunnel");
+                break;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "upgrade failed"),
     }
+    let _ = tokio::join!(client_write.shutdown(), upstream_write.shutdown());
+    drop(slot);
 }
 
 fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -134,3 +134,117 @@ async fn sigterm_lets_open_requests_finish_then_exits_zero() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// An origin that accepts any upgrade and then echoes bytes back (a WebSocket server, reduced to
+/// what the guard sees of one).
+async fn upgrade_echo_origin() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .await;
+                let (mut read, mut write) = stream.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn open_tunnel(guard: &pgrst_guard::RunningGuard) -> TcpStream {
+    let mut stream = TcpStream::connect(guard.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /realtime/v1/websocket HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "the upgrade is answered");
+        head.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    stream.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping", "the tunnel carries bytes both ways");
+    stream
+}
+
+#[tokio::test]
+async fn websocket_tunnels_count_against_the_cap_and_close_when_idle() {
+    let origin = upgrade_echo_origin().await;
+    let rest = EchoServer::start().await;
+    let guard = start_guard_without_waiting(
+        &rest.url(),
+        NO_DB,
+        &[
+            ("PGRST_GUARD_REST_PREFIX", "/rest/v1"),
+            ("PGRST_GUARD_PASSTHROUGH_UPSTREAM", &format!("http://{origin}")),
+            ("PGRST_GUARD_MAX_CONNECTIONS", "1"),
+            ("PGRST_GUARD_IDLE_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    let mut tunnel = open_tunnel(&guard).await;
+    // The tunnel holds the only connection slot.
+    let mut other = TcpStream::connect(guard.addr).await.unwrap();
+    other.write_all(b"GET /rest/v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let answer = read_all(&mut other).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // Nothing passes for longer than the idle timeout: the guard closes the tunnel, freeing the slot.
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "closed: {closed:?}");
+    assert!(started.elapsed() >= Duration::from_millis(800), "not before the idle timeout");
+    let served = support::client::eventually(Duration::from_secs(3), || async {
+        HttpClient::new()
+            .try_send(Method::GET, &format!("{}/rest/v1/x", guard.url()), &[], "")
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    assert!(served, "the slot is free again");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_and_http2_connections_are_closed() {
+    let echo = EchoServer::start().await;
+    let guard = start_guard_without_waiting(&echo.url(), NO_DB, &[("PGRST_GUARD_IDLE_TIMEOUT_MS", "500")]).await;
+    // HTTP/1.1 keep-alive.
+    let mut stream = TcpStream::connect(guard.addr).await.unwrap();
+    stream.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(stream.read(&mut buf).await.unwrap() > 0);
+    let closed = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "an idle HTTP/1.1 connection is closed: {closed:?}");
+
+    // HTTP/2 (h2c).
+    let stream = TcpStream::connect(guard.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request =
+        http::Request::get(format!("{}/x", guard.url())).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), StatusCode::OK);
+    let ended = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection is closed by the guard");
+}
