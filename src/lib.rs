@@ -25,6 +25,7 @@ pub mod gateway;
 pub mod heal;
 pub mod metrics;
 pub mod reload;
+pub mod sandbox;
 pub mod server;
 pub mod tls;
 pub mod upstream;

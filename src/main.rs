@@ -15,6 +15,34 @@ fn cli() -> Command {
             "Check the upstream, PostgREST's admin server, the database and the whole reload path (sends one NOTIFY); \
              exits 0 only when all is well",
         ))
+        .subcommand(
+            Command::new("sandbox")
+                .about(
+                    "Start a throwaway PostgreSQL, a real PostgREST and the guard in front (on --listen, default \
+                     127.0.0.1:8080) until Ctrl-C, then remove everything",
+                )
+                .arg(Arg::new("postgrest-bin").long("postgrest-bin").value_name("PATH").help(
+                    "the PostgREST binary (default: `postgrest` on PATH, else the newest in PGRST_GUARD_TEST_POSTGREST)",
+                ))
+                .arg(
+                    Arg::new("migrations")
+                        .long("migrations")
+                        .value_name("DIR")
+                        .help("apply DIR/*.sql (name order) instead of the demo schema"),
+                )
+                .arg(
+                    Arg::new("show")
+                        .long("show")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("play the story once: a migration, PostgREST's PGRST204, the guard's healed insert"),
+                )
+                .arg(
+                    Arg::new("once")
+                        .long("once")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("stop after start-up (and --show) instead of waiting for Ctrl-C"),
+                ),
+        )
         .arg(
             Arg::new("config")
                 .long("config")
@@ -53,6 +81,25 @@ fn main() {
     if matches.get_flag("print-config") {
         print!("{}", config::toml_template());
         return;
+    }
+    if let Some(sandbox) = matches.subcommand_matches("sandbox") {
+        let listen = match sandbox.get_one::<String>("listen").map(|l| l.parse()) {
+            None => None,
+            Some(Ok(addr)) => Some(addr),
+            Some(Err(e)) => {
+                eprintln!("pgrst-guard: PGRST_GUARD_LISTEN: {e}");
+                std::process::exit(2);
+            }
+        };
+        let options = pgrst_guard::sandbox::SandboxOptions {
+            listen,
+            postgrest_bin: sandbox.get_one::<String>("postgrest-bin").map(PathBuf::from),
+            migrations: sandbox.get_one::<String>("migrations").map(PathBuf::from),
+            show: sandbox.get_flag("show"),
+            once: sandbox.get_flag("once"),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        std::process::exit(runtime.block_on(pgrst_guard::sandbox::run(options)));
     }
     let config_file = matches
         .subcommand_matches("doctor")

@@ -46,6 +46,10 @@ pub struct HealService<S> {
     pub(super) replay_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// Replays while PostgREST has no schema cache (PGRST002): about 25, 75, 225, 675 ms, then 1 s
+/// apart, which spans PostgREST's own first two load retries (1 s, then 2 s later).
+pub const MAX_EMPTY_CACHE_REPLAYS: u32 = 8;
+
 /// Replays sent to PostgREST at the same time, per worker.
 pub const MAX_CONCURRENT_REPLAYS: usize = 64;
 
@@ -203,7 +207,12 @@ impl<S> HealService<S> {
         let (mut flights, mut attempts_in_flight, mut empty_attempts, mut replays) = (0u32, 0u32, 0u32, 0u32);
         let max_replays = self.coordinator.replay_budget();
         let outcome = loop {
-            if !matches!(verdict, Verdict::PassThrough) && replays >= max_replays {
+            // The replay budget counts replays for stale errors; waiting out an empty cache has
+            // its own (below): PGRST002 comes before any SQL, and PostgREST retries its load
+            // after 1 s, then 2 s.
+            if matches!(verdict, Verdict::Stale { .. } | Verdict::StaleDatabase { .. })
+                && replays - empty_attempts >= max_replays
+            {
                 break HealOutcome::GaveUp;
             }
             let proceed = match &verdict {
@@ -302,6 +311,9 @@ impl<S> HealService<S> {
                     }
                 }
                 Verdict::CacheEmpty => {
+                    if empty_attempts >= MAX_EMPTY_CACHE_REPLAYS {
+                        break HealOutcome::GaveUp;
+                    }
                     empty_attempts += 1;
                     backoff_wait(empty_attempts, self.policy.empty_cache_backoff, deadline).await
                 }
