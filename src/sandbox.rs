@@ -228,7 +228,9 @@ impl PgServer {
         }
         let server = PgServer { data: dir.join("data"), bindir: bindir.to_path_buf(), port: free_port()?, as_postgres };
         let data = server.data.to_string_lossy().into_owned();
-        run_checked(&mut server.tool("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]))?;
+        run_checked(
+            &mut server.tool("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+        )?;
         let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", server.port, dir.display());
         let log = dir.join("postgresql.log").to_string_lossy().into_owned();
         run_checked(&mut server.tool("pg_ctl", &["-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start"]))?;
@@ -238,10 +240,8 @@ impl PgServer {
     fn tool(&self, name: &str, args: &[&str]) -> Command {
         let program = self.bindir.join(name);
         let mut command = if self.as_postgres {
-            let runuser = ["/usr/sbin/runuser", "/sbin/runuser"]
-                .into_iter()
-                .find(|p| Path::new(p).exists())
-                .unwrap_or("runuser");
+            let runuser =
+                ["/usr/sbin/runuser", "/sbin/runuser"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("runuser");
             let mut c = Command::new(runuser);
             c.arg("-u").arg("postgres").arg("--").arg(program);
             c
