@@ -58,7 +58,10 @@ fn the_compose_file_wires_the_guard_to_postgrest_and_postgres() {
     // Published on 127.0.0.1 unless the user says otherwise, mapped to the ports the guard listens on.
     let ports: Vec<&str> = guard["ports"].as_vec().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     for port in [config.listen.port(), config.admin_listen.unwrap().port()] {
-        assert!(ports.iter().any(|p| p.ends_with(&format!(":{port}}}:{port}")) && p.contains("127.0.0.1")), "{ports:?}");
+        assert!(
+            ports.iter().any(|p| p.ends_with(&format!(":{port}}}:{port}")) && p.contains("127.0.0.1")),
+            "{ports:?}"
+        );
     }
     // Start-up order by health: PostgREST only once the database is healthy, the guard only once
     // PostgREST's cache is loaded.
