@@ -225,8 +225,8 @@ impl<S> HealService<S> {
                             let named = with_path_table(named, &template, &schema);
                             object = format!("{named:?}");
                             if let Some(catalog) = &self.catalog {
-                                let answer = catalog.exists(&named, &schema, sent_at, deadline).await;
-                                confirmed_at = Some(Instant::now());
+                                let (answer, answered_at) = catalog.exists(&named, &schema, sent_at, deadline).await;
+                                confirmed_at = Some(answered_at);
                                 self.metrics.catalog_check(answer.as_str());
                                 if answer.is_missing() {
                                     break HealOutcome::ClientError;

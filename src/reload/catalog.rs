@@ -45,13 +45,15 @@ type CheckKey = (String, MissingObject);
 #[derive(Clone)]
 struct Check {
     begins: Instant,
-    answer: watch::Receiver<Option<CatalogAnswer>>,
+    /// The answer and when the query returned it.
+    answer: watch::Receiver<Option<(CatalogAnswer, Instant)>>,
 }
 
 /// What is known of one key: the last finished check and the one scheduled or running.
 #[derive(Default)]
 struct KeyChecks {
-    finished: Option<(Instant, CatalogAnswer)>,
+    /// When the last query began, its answer, and when it returned.
+    finished: Option<(Instant, CatalogAnswer, Instant)>,
     next: Option<Check>,
 }
 
@@ -86,31 +88,32 @@ impl CatalogCheck {
     /// Does `object` exist, by a catalog snapshot taken after `requested_at` (when the request
     /// whose answer named it was sent)? `schema` is the request's schema (Accept-/Content-Profile or
     /// the first exposed one), used where PostgREST's message does not qualify the name. Gives up
-    /// with [`CatalogAnswer::Unknown`] at `deadline`.
+    /// with [`CatalogAnswer::Unknown`] at `deadline`. Also says when the query returned: by then
+    /// whatever made the object exist had surely committed.
     pub async fn exists(
         &self,
         object: &MissingObject,
         schema: &str,
         requested_at: Instant,
         deadline: Instant,
-    ) -> CatalogAnswer {
+    ) -> (CatalogAnswer, Instant) {
         if *object == MissingObject::Unknown {
-            return CatalogAnswer::Unknown;
+            return (CatalogAnswer::Unknown, Instant::now());
         }
         let key = (schema.to_string(), object.clone());
         loop {
             let (check, runs_it) = {
                 let mut keys = self.keys.lock().expect("catalog lock");
                 let entry = keys.entry(key.clone()).or_default();
-                if let Some((began, answer)) = entry.finished {
+                if let Some((began, answer, answered)) = entry.finished {
                     if began >= requested_at {
-                        return shared(answer);
+                        return (shared(answer), answered);
                     }
                 }
                 match &entry.next {
                     Some(check) => (check.clone(), None),
                     None => {
-                        let earliest = entry.finished.map_or(requested_at, |(began, _)| began + self.recheck);
+                        let earliest = entry.finished.map_or(requested_at, |(began, ..)| began + self.recheck);
                         let begins = earliest.max(Instant::now()).max(requested_at);
                         let (publish, answer) = watch::channel(None);
                         let check = Check { begins, answer };
@@ -130,22 +133,26 @@ impl CatalogCheck {
                 let answer = tokio::time::timeout_at(deadline, self.run(object, schema, check.begins, deadline))
                     .await
                     .unwrap_or(CatalogAnswer::Unknown);
-                clear.finish(check.begins, answer);
-                return answer;
+                let answered = Instant::now();
+                clear.finish(check.begins, answer, answered);
+                return (answer, answered);
             }
             if check.begins < requested_at {
                 // That query's snapshot may predate the failed answer: wait it out, then schedule
                 // (or join) the next one.
                 let mut receiver = check.answer.clone();
                 if tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await.is_err() {
-                    return CatalogAnswer::Unknown;
+                    return (CatalogAnswer::Unknown, Instant::now());
                 }
                 continue;
             }
             let mut receiver = check.answer.clone();
             return match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
-                Ok(Ok(answer)) => shared(answer.expect("waited for an answer")),
-                _ => CatalogAnswer::Unknown,
+                Ok(Ok(answer)) => {
+                    let (answer, answered) = answer.expect("waited for an answer");
+                    (shared(answer), answered)
+                }
+                _ => (CatalogAnswer::Unknown, Instant::now()),
             };
         }
     }
@@ -254,7 +261,7 @@ fn evict_oldest(keys: &mut HashMap<CheckKey, KeyChecks>) {
     let oldest = keys
         .iter()
         .filter(|(_, checks)| checks.next.is_none())
-        .min_by_key(|(_, checks)| checks.finished.map(|(began, _)| began))
+        .min_by_key(|(_, checks)| checks.finished.map(|(began, ..)| began))
         .map(|(key, _)| key.clone());
     if let Some(key) = oldest {
         keys.remove(&key);
@@ -266,17 +273,17 @@ fn evict_oldest(keys: &mut HashMap<CheckKey, KeyChecks>) {
 struct ClearOnDrop<'a> {
     checks: &'a CatalogCheck,
     key: &'a CheckKey,
-    publish: watch::Sender<Option<CatalogAnswer>>,
+    publish: watch::Sender<Option<(CatalogAnswer, Instant)>>,
 }
 
 impl ClearOnDrop<'_> {
-    fn finish(self, began: Instant, answer: CatalogAnswer) {
+    fn finish(self, began: Instant, answer: CatalogAnswer, answered: Instant) {
         if let Some(entry) = self.checks.keys.lock().expect("catalog lock").get_mut(self.key) {
             if answer != CatalogAnswer::Unknown {
-                entry.finished = Some((began, answer));
+                entry.finished = Some((began, answer, answered));
             }
         }
-        self.publish.send_replace(Some(answer));
+        self.publish.send_replace(Some((answer, answered)));
     }
 }
 
@@ -286,7 +293,7 @@ impl Drop for ClearOnDrop<'_> {
             entry.next = None;
         }
         if self.publish.borrow().is_none() {
-            self.publish.send_replace(Some(CatalogAnswer::Unknown));
+            self.publish.send_replace(Some((CatalogAnswer::Unknown, Instant::now())));
         }
     }
 }
