@@ -52,8 +52,11 @@ struct Check {
 /// What is known of one key: the last finished check and the one scheduled or running.
 #[derive(Default)]
 struct KeyChecks {
-    /// When the last query began, its answer, and when it returned.
+    /// When the last query began, its answer, and since when the object is known to exist (for
+    /// an Exists answer) or when the query returned.
     finished: Option<(Instant, CatalogAnswer, Instant)>,
+    /// When the first of the Exists answers since the last Missing returned.
+    exists_since: Option<Instant>,
     next: Option<Check>,
 }
 
@@ -133,8 +136,7 @@ impl CatalogCheck {
                 let answer = tokio::time::timeout_at(deadline, self.run(object, schema, check.begins, deadline))
                     .await
                     .unwrap_or(CatalogAnswer::Unknown);
-                let answered = Instant::now();
-                clear.finish(check.begins, answer, answered);
+                let answered = clear.finish(check.begins, answer, Instant::now());
                 return (answer, answered);
             }
             if check.begins < requested_at {
@@ -277,13 +279,22 @@ struct ClearOnDrop<'a> {
 }
 
 impl ClearOnDrop<'_> {
-    fn finish(self, began: Instant, answer: CatalogAnswer, answered: Instant) {
+    /// Returns since when the object is known to exist (Exists) or `answered` (otherwise): a
+    /// NOTIFY sent after that reaches a load that sees the object.
+    fn finish(self, began: Instant, answer: CatalogAnswer, answered: Instant) -> Instant {
+        let mut known = answered;
         if let Some(entry) = self.checks.keys.lock().expect("catalog lock").get_mut(self.key) {
+            match answer {
+                CatalogAnswer::Exists => known = *entry.exists_since.get_or_insert(answered),
+                CatalogAnswer::Missing => entry.exists_since = None,
+                _ => {}
+            }
             if answer != CatalogAnswer::Unknown {
-                entry.finished = Some((began, answer, answered));
+                entry.finished = Some((began, answer, known));
             }
         }
-        self.publish.send_replace(Some((answer, answered)));
+        self.publish.send_replace(Some((answer, known)));
+        known
     }
 }
 

@@ -44,7 +44,8 @@ pub struct ReloadCoordinator {
 #[derive(Default)]
 struct FlightLog {
     pending: Option<Arc<Flight>>,
-    last_completed: Option<Instant>,
+    /// When the last reload finished, and when its NOTIFY was sent or seen.
+    last_completed: Option<(Instant, Instant)>,
     last_notify: Option<Instant>,
 }
 
@@ -53,7 +54,7 @@ impl FlightLog {
     fn retire(&mut self, deadline: Duration) {
         if let Some(flight) = &self.pending {
             if let Some(done) = flight.completed_at() {
-                self.last_completed = self.last_completed.max(Some(done));
+                self.last_completed = self.last_completed.max(Some((done, flight.notified_at)));
                 self.pending = None;
             } else if flight.notified_at.elapsed() > deadline {
                 self.pending = None;
@@ -69,8 +70,8 @@ impl FlightLog {
             }
             return None;
         }
-        if self.last_completed.is_some_and(|done| done > sent_at) {
-            return Some(Ticket::AlreadyReloaded);
+        if let Some((_, notified_at)) = self.last_completed.filter(|(done, _)| *done > sent_at) {
+            return Some(Ticket::AlreadyReloaded { notified_at });
         }
         None
     }
@@ -104,8 +105,11 @@ enum Completion {
 
 /// A request's place in a reload.
 pub enum Ticket {
-    /// The answer came from a cache that has been replaced since: replay now.
-    AlreadyReloaded,
+    /// The answer came from a cache that has been replaced since: replay now. The reload's
+    /// NOTIFY was sent or seen at `notified_at`.
+    AlreadyReloaded {
+        notified_at: Instant,
+    },
     Flight(Arc<Flight>),
     /// The reload that cures this was asked for; replay with back-off until it shows.
     Settle {
@@ -347,7 +351,7 @@ impl Ticket {
     /// means this reload has nothing more to offer.
     pub async fn wait_before_replay(&self, attempt: u32, deadline: Instant) -> bool {
         let flight = match self {
-            Ticket::AlreadyReloaded => return attempt == 1,
+            Ticket::AlreadyReloaded { .. } => return attempt == 1,
             Ticket::Settle { backoff } => return backoff_wait(attempt, *backoff, deadline).await,
             Ticket::Flight(flight) => flight,
         };
@@ -380,7 +384,8 @@ impl Ticket {
     pub fn notified_at(&self) -> Option<Instant> {
         match self {
             Ticket::Flight(flight) => Some(flight.notified_at),
-            _ => None,
+            Ticket::AlreadyReloaded { notified_at } => Some(*notified_at),
+            Ticket::Settle { .. } => None,
         }
     }
 
