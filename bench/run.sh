@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The benchmark: the upstream directly, through pgrst-guard and through nginx (proxy_pass with
-# upstream keep-alive), on the same upstreams in one run; then memory, then heal cost.
-#   bash bench/run.sh            (DURATION=10 seconds per load run by default)
+# upstream keep-alive), on the same upstreams in one run (a static origin, for the proxy's own cost,
+# and the real PostgREST 14); ROUNDS rounds, medians and the spread; then memory, then heal cost
+# (the double, and the real PostgREST with a big schema).
+#   bash bench/run.sh            (DURATION=10 seconds per load run, ROUNDS=3 by default)
 # Installs wrk and nginx from Debian when missing. Writes bench/results-latest.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
 OUT=bench/results-latest.md
 WORK=$(mktemp -d /tmp/pgrst-guard-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -30,7 +34,7 @@ hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 echo "building (release)"
-cargo build --release --quiet --bin pgrst-guard --example postgrest_double --example bench_heal
+cargo build --release --quiet --bin pgrst-guard --example postgrest_double --example bench_heal --example bench_heal_real
 
 # PostgreSQL
 PG_BIN=$(pg_config --bindir); [ -x "$PG_BIN/initdb" ] || PG_BIN=/usr/lib/postgresql/15/bin
@@ -40,7 +44,28 @@ as_postgres "$PG_BIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust --no-sync
 as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PGDATA_DIR/log" -w -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
 DB_URI="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 psql -q "$DB_URI" -c "CREATE TABLE bench_items (id int PRIMARY KEY, name text, created_at timestamptz DEFAULT '2026-01-01');
-                      INSERT INTO bench_items (id, name) SELECT g, 'item ' || g FROM generate_series(1, 3) g;"
+                      INSERT INTO bench_items (id, name) SELECT g, 'item ' || g FROM generate_series(1, 3) g;
+                      CREATE ROLE anon NOLOGIN; CREATE ROLE authenticator LOGIN NOINHERIT; GRANT anon TO authenticator;
+                      GRANT USAGE ON SCHEMA public TO anon; GRANT SELECT ON bench_items TO anon;"
+
+# The real PostgREST 14
+PGRST_BIN=$WORK/postgrest
+src=$(ls "$POSTGREST_DIR"/postgrest-14.* | sort -V | tail -n 1)
+case "$src" in *.xz) xz -dc "$src" >"$PGRST_BIN" ;; *) cp "$src" "$PGRST_BIN" ;; esac
+chmod +x "$PGRST_BIN"
+PGRST_PORT=$(free_port); PGRST_ADMIN=$(free_port)
+cat >"$WORK/postgrest.conf" <<CONF
+db-uri = "postgresql://authenticator@127.0.0.1:$PG_PORT/postgres"
+db-schemas = "public"
+db-anon-role = "anon"
+db-pool = 20
+server-host = "127.0.0.1"
+server-port = $PGRST_PORT
+admin-server-port = $PGRST_ADMIN
+log-level = "error"
+CONF
+LANG=C.UTF-8 "$PGRST_BIN" "$WORK/postgrest.conf" >"$WORK/postgrest.log" 2>&1 &
+PIDS+=($!); wait_port "$PGRST_PORT"
 
 # The PostgREST double
 DOUBLE_PORT=$(free_port); DOUBLE_ADMIN=$(free_port)
@@ -48,7 +73,7 @@ target/release/examples/postgrest_double --db-uri "$DB_URI" --port "$DOUBLE_PORT
 PIDS+=($!); wait_port "$DOUBLE_PORT"
 
 # nginx: the static origin, and the two proxies
-ORIGIN_PORT=$(free_port); NGINX_STATIC=$(free_port); NGINX_DOUBLE=$(free_port)
+ORIGIN_PORT=$(free_port); NGINX_STATIC=$(free_port); NGINX_DOUBLE=$(free_port); NGINX_PGRST=$(free_port)
 BODY='[{"id":1,"name":"item 1","created_at":"2026-01-01T00:00:00+00:00"},{"id":2,"name":"item 2","created_at":"2026-01-01T00:00:00+00:00"}]'
 cat >"$WORK/nginx.conf" <<CONF
 worker_processes auto;
@@ -59,43 +84,64 @@ http {
   access_log off;
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
   upstream double { server 127.0.0.1:$DOUBLE_PORT; keepalive 128; }
+  upstream postgrest { server 127.0.0.1:$PGRST_PORT; keepalive 128; }
   server { listen 127.0.0.1:$ORIGIN_PORT; client_max_body_size 0; location / { default_type "application/json; charset=utf-8"; return 200 '$BODY'; } }
   server { listen 127.0.0.1:$NGINX_STATIC; client_max_body_size 0; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
   server { listen 127.0.0.1:$NGINX_DOUBLE; location / { proxy_pass http://double; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$NGINX_PGRST; location / { proxy_pass http://postgrest; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 CONF
 nginx -c "$WORK/nginx.conf" -p "$WORK"
-wait_port "$ORIGIN_PORT"; wait_port "$NGINX_STATIC"; wait_port "$NGINX_DOUBLE"
+wait_port "$ORIGIN_PORT"; wait_port "$NGINX_STATIC"; wait_port "$NGINX_DOUBLE"; wait_port "$NGINX_PGRST"
 
 # pgrst-guard, one in front of each upstream
-GUARD_STATIC=$(free_port); GUARD_DOUBLE=$(free_port)
+GUARD_STATIC=$(free_port); GUARD_DOUBLE=$(free_port); GUARD_PGRST=$(free_port)
 PGRST_GUARD_LOG_LEVEL=warn target/release/pgrst-guard --listen "127.0.0.1:$GUARD_STATIC" --upstream "http://127.0.0.1:$ORIGIN_PORT" --db-uri "$DB_URI" >"$WORK/guard-static.log" 2>&1 &
 GUARD_STATIC_PID=$!; PIDS+=($GUARD_STATIC_PID)
 PGRST_GUARD_LOG_LEVEL=warn target/release/pgrst-guard --listen "127.0.0.1:$GUARD_DOUBLE" --upstream "http://127.0.0.1:$DOUBLE_PORT" --upstream-admin "http://127.0.0.1:$DOUBLE_ADMIN" --db-uri "$DB_URI" >"$WORK/guard-double.log" 2>&1 &
 PIDS+=($!)
-wait_port "$GUARD_STATIC"; wait_port "$GUARD_DOUBLE"
+PGRST_GUARD_LOG_LEVEL=warn target/release/pgrst-guard --listen "127.0.0.1:$GUARD_PGRST" --upstream "http://127.0.0.1:$PGRST_PORT" --upstream-admin "http://127.0.0.1:$PGRST_ADMIN" --db-uri "$DB_URI" >"$WORK/guard-postgrest.log" 2>&1 &
+PIDS+=($!)
+wait_port "$GUARD_STATIC"; wait_port "$GUARD_DOUBLE"; wait_port "$GUARD_PGRST"
 sleep 1
 IDLE_KB=$(rss_kb "$GUARD_STATIC_PID")
 
 # wrk's latency lines look like "50%  123.00us"; print them in microseconds.
 to_us() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v*1000 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000000 } }'; }
 declare -A RPS P50 P99
-run_wrk() { # name url connections
+run_wrk() { # name url connections round
   local threads=1; [ "$3" -gt 1 ] && threads=2
   local out; out=$(wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency "$2")
-  RPS[$1/$3]=$(awk '/^Requests\/sec/ {printf "%d", $2}' <<<"$out")
-  P50[$1/$3]=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
-  P99[$1/$3]=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
-  printf '  %-14s c=%-3s %8s req/s  p50 %8s us  p99 %8s us\n' "$1" "$3" "${RPS[$1/$3]}" "${P50[$1/$3]}" "${P99[$1/$3]}"
+  RPS[$1/$3/$4]=$(awk '/^Requests\/sec/ {printf "%d", $2}' <<<"$out")
+  P50[$1/$3/$4]=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
+  P99[$1/$3/$4]=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
+  printf '  round %s %-16s c=%-3s %8s req/s  p50 %8s us  p99 %8s us\n' "$4" "$1" "$3" "${RPS[$1/$3/$4]}" "${P50[$1/$3/$4]}" "${P99[$1/$3/$4]}"
 }
-echo "load: wrk, ${DURATION}s per run"
-for c in ${CONNECTIONS:-1 32}; do
-  run_wrk static-direct "http://127.0.0.1:$ORIGIN_PORT/bench_items" "$c"
-  run_wrk static-guard "http://127.0.0.1:$GUARD_STATIC/bench_items" "$c"
-  run_wrk static-nginx "http://127.0.0.1:$NGINX_STATIC/bench_items" "$c"
-  run_wrk double-direct "http://127.0.0.1:$DOUBLE_PORT/bench_items" "$c"
-  run_wrk double-guard "http://127.0.0.1:$GUARD_DOUBLE/bench_items" "$c"
-  run_wrk double-nginx "http://127.0.0.1:$NGINX_DOUBLE/bench_items" "$c"
+# The median and the spread (min–max) of one measure over the rounds.
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s–%s", lo, hi }'; }
+values() { local -n table=$1; local key=$2; for r in $(seq 1 "$ROUNDS"); do echo "${table[$key/$r]}"; done; }
+echo "load: wrk, ${DURATION}s per run, $ROUNDS rounds"
+for r in $(seq 1 "$ROUNDS"); do
+  for c in ${CONNECTIONS:-1 32}; do
+    for up in static postgrest double; do
+      case $up in
+        static) direct=$ORIGIN_PORT; guard=$GUARD_STATIC; proxy=$NGINX_STATIC; path=/bench_items ;;
+        postgrest) direct=$PGRST_PORT; guard=$GUARD_PGRST; proxy=$NGINX_PGRST; path="/bench_items?select=id,name&id=gt.0&order=id&limit=2" ;;
+        double) direct=$DOUBLE_PORT; guard=$GUARD_DOUBLE; proxy=$NGINX_DOUBLE; path=/bench_items ;;
+      esac
+      run_wrk "$up-direct" "http://127.0.0.1:$direct$path" "$c" "$r"
+      run_wrk "$up-guard" "http://127.0.0.1:$guard$path" "$c" "$r"
+      run_wrk "$up-nginx" "http://127.0.0.1:$proxy$path" "$c" "$r"
+    done
+  done
+done
+declare -A MRPS MP50 MP99 SRPS
+for key in "${!RPS[@]}"; do
+  base=${key%/*}
+  [ -n "${MRPS[$base]:-}" ] && continue
+  MRPS[$base]=$(median $(values RPS "$base")); SRPS[$base]=$(spread $(values RPS "$base"))
+  MP50[$base]=$(median $(values P50 "$base")); MP99[$base]=$(median $(values P99 "$base"))
 done
 
 # Memory of the static-origin guard: idle (above), 1,000 keep-alive connections, 100 MiB upload.
@@ -114,19 +160,23 @@ UPLOAD_GROWTH_KB=$(( AFTER_HWM > BEFORE_RSS ? AFTER_HWM - BEFORE_RSS : 0 ))
 
 echo "heal cost"
 HEAL_TABLE=$(target/release/examples/bench_heal 2>"$WORK/heal.log")
+echo "heal cost on the real PostgREST with a big schema"
+HEAL_REAL=$(PGRST_GUARD_TEST_POSTGREST="$POSTGREST_DIR" target/release/examples/bench_heal_real ${BIG_SCHEMA_TABLES:-2000} 30 2>"$WORK/heal-real.log")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
 {
   echo "## Latest run ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per load run)"
   echo
+  echo "Medians of $ROUNDS rounds; req/s spread (min–max) in brackets."
+  echo
   echo "| upstream | conns | direct req/s | guard req/s | nginx req/s | guard/nginx | guard/direct | p50 direct / guard / nginx (us) | p99 direct / guard / nginx (us) |"
   echo "|---|---|---|---|---|---|---|---|---|"
-  for up in static double; do for c in 1 32; do
-    echo "| $up | $c | ${RPS[$up-direct/$c]} | ${RPS[$up-guard/$c]} | ${RPS[$up-nginx/$c]} | $(ratio "${RPS[$up-guard/$c]}" "${RPS[$up-nginx/$c]}") | $(ratio "${RPS[$up-guard/$c]}" "${RPS[$up-direct/$c]}") | ${P50[$up-direct/$c]} / ${P50[$up-guard/$c]} / ${P50[$up-nginx/$c]} | ${P99[$up-direct/$c]} / ${P99[$up-guard/$c]} / ${P99[$up-nginx/$c]} |"
+  for up in static postgrest double; do for c in 1 32; do
+    echo "| $up | $c | ${MRPS[$up-direct/$c]} (${SRPS[$up-direct/$c]}) | ${MRPS[$up-guard/$c]} (${SRPS[$up-guard/$c]}) | ${MRPS[$up-nginx/$c]} (${SRPS[$up-nginx/$c]}) | $(ratio "${MRPS[$up-guard/$c]}" "${MRPS[$up-nginx/$c]}") | $(ratio "${MRPS[$up-guard/$c]}" "${MRPS[$up-direct/$c]}") | ${MP50[$up-direct/$c]} / ${MP50[$up-guard/$c]} / ${MP50[$up-nginx/$c]} | ${MP99[$up-direct/$c]} / ${MP99[$up-guard/$c]} / ${MP99[$up-nginx/$c]} |"
   done; done
   echo
-  echo "Guard p50 over direct at 1 connection: static $(diff_us "${P50[static-guard/1]}" "${P50[static-direct/1]}") us, double $(diff_us "${P50[double-guard/1]}" "${P50[double-direct/1]}") us."
+  echo "Guard p50 over direct at 1 connection: static $(diff_us "${MP50[static-guard/1]}" "${MP50[static-direct/1]}") us (nginx $(diff_us "${MP50[static-nginx/1]}" "${MP50[static-direct/1]}") us), PostgREST $(diff_us "${MP50[postgrest-guard/1]}" "${MP50[postgrest-direct/1]}") us (nginx $(diff_us "${MP50[postgrest-nginx/1]}" "${MP50[postgrest-direct/1]}") us)."
   echo
   echo "| memory (guard in front of the static origin) | resident |"
   echo "|---|---|"
@@ -137,4 +187,8 @@ diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
   echo "Heal cost (stale-cache error to replayed answer, minus the double's own load time):"
   echo
   echo "$HEAL_TABLE"
+  echo
+  echo "Heal cost on the real PostgREST 14 with a big schema (the heal time minus PostgREST's own reload):"
+  echo
+  echo "$HEAL_REAL"
 } | tee "$OUT"
