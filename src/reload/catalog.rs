@@ -1,7 +1,8 @@
 //! The catalog check: before a reload, ask the database whether the object a schema-cache error
 //! names really exists. If it does, PostgREST's cache is stale; if it does not, the error is the
-//! client's, and no reload could cure it. Negative answers are remembered for a while, so a client
-//! repeating a bad request costs neither a reload nor a query.
+//! client's, and no reload could cure it. Identical checks share one query, and a key is queried at
+//! most once per recheck interval, so a client repeating a bad request costs no reload and a
+//! bounded number of queries; an answer never serves a request sent after its query began.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
