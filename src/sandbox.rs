@@ -312,28 +312,39 @@ fn postgrest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let dir = std::env::var_os("PGRST_GUARD_TEST_POSTGREST")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("../shared/postgrest"));
-    let mut found: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}. {missing}", dir.display()))?
+    let unpack_to = std::env::temp_dir().join("pgrst-guard-postgrest");
+    newest_postgrest(&dir, None, &unpack_to).map(|(path, _)| path).map_err(|e| format!("{e}. {missing}"))
+}
+
+/// The newest `postgrest-<version>` binary (or its `.xz`) in `dir`, of major version `major` when
+/// given; a compressed one is unpacked once into `unpack_to` (several processes may race: each
+/// writes its own file and renames it). Returns the binary and its version. The test bed uses the
+/// same lookup.
+pub fn newest_postgrest(dir: &Path, major: Option<u32>, unpack_to: &Path) -> Result<(PathBuf, String), String> {
+    let mut found: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
             let version =
                 name.strip_prefix("postgrest-")?.split(['-', '_']).next()?.trim_end_matches(".xz").to_string();
-            let key = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-            Some((key, entry.path()))
+            let key: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+            major.is_none_or(|major| key.first() == Some(&major)).then_some((key, entry.path()))
         })
         .collect();
     found.sort();
-    let (_, path) = found.pop().ok_or(missing)?;
+    let (key, path) = found.pop().ok_or_else(|| match major {
+        Some(major) => format!("no PostgREST {major} binary in {}", dir.display()),
+        None => format!("no PostgREST binary in {}", dir.display()),
+    })?;
+    let version = key.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
     if path.extension().is_none_or(|e| e != "xz") {
-        return Ok(path);
+        return Ok((path, version));
     }
-    let target = std::env::temp_dir().join(format!(
-        "pgrst-guard-sandbox-{}",
-        path.file_name().unwrap_or_default().to_string_lossy().trim_end_matches(".xz")
-    ));
+    let target = unpack_to.join(format!("postgrest-{version}"));
     if !target.exists() {
-        let partial = target.with_extension(format!("{}.partial", std::process::id()));
+        std::fs::create_dir_all(unpack_to).map_err(|e| format!("{}: {e}", unpack_to.display()))?;
+        let partial = unpack_to.join(format!("postgrest-{version}.{}.partial", std::process::id()));
         let out = std::fs::File::create(&partial).map_err(|e| e.to_string())?;
         let status = Command::new("xz")
             .arg("-dc")
@@ -347,7 +358,7 @@ fn postgrest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
         run_checked(Command::new("chmod").arg("+x").arg(&partial))?;
         std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
     }
-    Ok(target)
+    Ok((target, version))
 }
 
 /// The `*.sql` files of `dir`, in name order, as one script.

@@ -246,51 +246,13 @@ pub fn binaries_dir() -> PathBuf {
 /// The binary of `family` (newest version found), decompressed once into the target directory.
 fn binary_for(family: Family) -> (PathBuf, String) {
     let dir = binaries_dir();
-    let prefix = format!("postgrest-{}.", family.major());
-    let mut found: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let version =
-                name.strip_prefix("postgrest-")?.split(['-', '_']).next()?.trim_end_matches(".xz").to_string();
-            if !name.starts_with(&prefix) {
-                return None;
-            }
-            let key = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-            Some((key, entry.path()))
-        })
-        .collect();
-    found.sort();
-    let Some((key, path)) = found.pop() else {
+    let unpack_to = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/postgrest");
+    pgrst_guard::sandbox::newest_postgrest(&dir, Some(family.major()), &unpack_to).unwrap_or_else(|e| {
         panic!(
-            "no PostgREST {} binary in {}: set PGRST_GUARD_TEST_POSTGREST to a directory holding \
-             postgrest-<version> binaries (or their .xz files); see README, 'Tests against the real PostgREST'",
-            family.major(),
-            dir.display()
-        );
-    };
-    let version = key.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-    let binary = if path.extension().is_some_and(|e| e == "xz") { decompressed(&path, &version) } else { path };
-    (binary, version)
-}
-
-fn decompressed(xz: &Path, version: &str) -> PathBuf {
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/postgrest");
-    let binary = cache.join(format!("postgrest-{version}"));
-    if binary.exists() {
-        return binary;
-    }
-    std::fs::create_dir_all(&cache).expect("create target/postgrest");
-    // Several test processes may get here at once: each writes its own file and renames it.
-    let partial = cache.join(format!("postgrest-{version}.{}.partial", std::process::id()));
-    let out = std::fs::File::create(&partial).expect("create binary file");
-    let status = Command::new("xz").arg("-dc").arg(xz).stdout(out).status().expect("xz is needed (xz-utils)");
-    assert!(status.success(), "xz -dc {} failed", xz.display());
-    let _ = Command::new("chmod").arg("+x").arg(&partial).status();
-    std::fs::rename(&partial, &binary).expect("move binary into place");
-    binary
+            "{e}: set PGRST_GUARD_TEST_POSTGREST to a directory holding postgrest-<version> binaries \
+             (or their .xz files); see README, 'Tests against the real PostgREST'"
+        )
+    })
 }
 
 /// Runs a test body once per PostgREST family, as one test per family:
