@@ -43,10 +43,25 @@ impl StaleCode {
 /// What the error says is missing, read from PostgREST's message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MissingObject {
-    Column { table: String, column: String },
-    Table { schema: String, table: String },
-    Function { schema: String, name: String, args: Vec<String> },
-    Relationship { parent: String, child: String },
+    Column {
+        table: String,
+        column: String,
+    },
+    Table {
+        schema: String,
+        table: String,
+    },
+    Function {
+        schema: String,
+        name: String,
+        args: Vec<String>,
+    },
+    /// `hint` is the embed's `!hint` (a foreign key's name, one of its columns, or a junction table).
+    Relationship {
+        parent: String,
+        child: String,
+        hint: Option<String>,
+    },
     Unknown,
 }
 
@@ -138,7 +153,7 @@ impl RequestFacts<'_> {
             (StaleCode::LegacyTableWrite, _, None) => {
                 matches!(*self.method, Method::POST | Method::PATCH | Method::PUT) && !self.target().is_empty()
             }
-            (StaleCode::Relationship, MissingObject::Relationship { parent, child }, None) => {
+            (StaleCode::Relationship, MissingObject::Relationship { parent, child, .. }, None) => {
                 let names = self.selected_names();
                 let named = |table: &String| table == self.target() || names.iter().any(|n| n == table);
                 named(parent) && named(child)
@@ -155,9 +170,11 @@ pub fn server_major<B>(response: &Response<B>) -> Option<u32> {
 }
 
 #[derive(Deserialize)]
-struct PostgrestError {
+pub struct PostgrestError {
     code: Option<String>,
     message: Option<String>,
+    /// A string for PGRST200 (it carries the embed hint); a list for the ambiguities.
+    details: Option<serde_json::Value>,
 }
 
 /// True when the head alone says the answer passes through untouched: no PostgREST schema-cache
@@ -238,9 +255,9 @@ fn body_verdict(status: StatusCode, method: &Method, body: &[u8], header_code: O
     let Some(error) = parsed else {
         return Verdict::PassThrough;
     };
-    let code = header_code.map(str::to_string).or(error.code);
+    let code = header_code.map(str::to_string).or(error.code.clone());
     match code {
-        Some(code) => code_verdict(&code, error.message.as_deref()),
+        Some(code) => code_verdict(&code, Some(&error)),
         None => Verdict::PassThrough,
     }
 }
@@ -261,8 +278,8 @@ fn attribute(verdict: Verdict, request: &RequestFacts<'_>) -> Verdict {
 
 /// The heal policy by code. PGRST201/203 are ambiguities, not staleness, and every other error —
 /// including PGRST111/112, raised after a commit — passes through.
-pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
-    let object = || message.map(missing_object).unwrap_or(MissingObject::Unknown);
+pub fn code_verdict(code: &str, error: Option<&PostgrestError>) -> Verdict {
+    let object = || error.map(PostgrestError::missing_object).unwrap_or(MissingObject::Unknown);
     let stale = |code| Verdict::Stale { code, object: object() };
     match code {
         "PGRST200" => stale(StaleCode::Relationship),
@@ -275,6 +292,27 @@ pub fn code_verdict(code: &str, message: Option<&str>) -> Verdict {
         "42883" => Verdict::StaleDatabase { code: "42883" },
         _ => Verdict::PassThrough,
     }
+}
+
+impl PostgrestError {
+    fn missing_object(&self) -> MissingObject {
+        let object = self.message.as_deref().map(missing_object).unwrap_or(MissingObject::Unknown);
+        match object {
+            MissingObject::Relationship { parent, child, .. } => {
+                let details = self.details.as_ref().and_then(serde_json::Value::as_str);
+                MissingObject::Relationship { parent, child, hint: details.and_then(embed_hint) }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The `!hint` PGRST200's details name: "Searched for a foreign key relationship between 'a' and
+/// 'b' using the hint 'h' in the schema 's', but no matches were found."
+fn embed_hint(details: &str) -> Option<String> {
+    let (_, rest) = details.split_once("' using the hint '")?;
+    let (hint, _) = rest.rsplit_once("' in the schema '")?;
+    Some(hint.to_string())
 }
 
 /// Reads PostgREST's message templates (Error.hs), old and new wordings.
@@ -312,7 +350,7 @@ pub fn missing_object(message: &str) -> MissingObject {
     }
     if let Some(inner) = between(message, "Could not find a relationship between '", "' in the schema cache") {
         if let Some((parent, child)) = inner.split_once("' and '") {
-            return MissingObject::Relationship { parent: parent.to_string(), child: child.to_string() };
+            return MissingObject::Relationship { parent: parent.to_string(), child: child.to_string(), hint: None };
         }
     }
     MissingObject::Unknown
@@ -411,7 +449,28 @@ mod tests {
         );
         assert_eq!(
             missing_object("Could not find a relationship between 'chat_messages' and 'projects' in the schema cache"),
-            MissingObject::Relationship { parent: "chat_messages".into(), child: "projects".into() }
+            MissingObject::Relationship { parent: "chat_messages".into(), child: "projects".into(), hint: None }
+        );
+    }
+
+    #[test]
+    fn reads_the_embed_hint_from_details() {
+        let error: PostgrestError = serde_json::from_str(
+            r#"{"code":"PGRST200","message":"Could not find a relationship between 'chat_messages' and 'users' in the schema cache",
+                "details":"Searched for a foreign key relationship between 'chat_messages' and 'users' using the hint 'author_id' in the schema 'public', but no matches were found.","hint":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            error.missing_object(),
+            MissingObject::Relationship {
+                parent: "chat_messages".into(),
+                child: "users".into(),
+                hint: Some("author_id".into())
+            }
+        );
+        assert_eq!(
+            embed_hint("Searched for a foreign key relationship between 'a' and 'b' in the schema 'public', but no matches were found."),
+            None
         );
     }
 

@@ -221,21 +221,34 @@ impl CatalogCheck {
                     )
                     .await
             }
-            MissingObject::Relationship { parent, child } => {
-                // A direct foreign key either way, a junction table with keys to both (many-to-many),
-                // or a view on either side (PostgREST infers view relationships from definitions).
+            MissingObject::Relationship { parent, child, hint } => {
+                // PostgREST's embed resolution (Plan.hs findRel): many-to-one where the child is the
+                // referenced table or the key's own column, one-to-many, many-to-many through a
+                // junction holding keys to both; a `!hint` must name the key, one of its columns
+                // (single-column keys) or the junction. Views on either side are taken on trust:
+                // PostgREST infers their relationships from view definitions.
                 self.database
                     .query_bool_until(
                         deadline,
                         "WITH rel AS (SELECT c.oid, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                      WHERE n.nspname = $1 AND c.relname IN ($2, $3))
-                         SELECT EXISTS (SELECT 1 FROM pg_constraint k JOIN rel a ON a.oid = k.conrelid JOIN rel b ON b.oid = k.confrelid
-                                        WHERE k.contype = 'f' AND (a.relname <> b.relname OR $2 = $3))
-                             OR EXISTS (SELECT 1 FROM pg_constraint k1 JOIN pg_constraint k2 ON k1.conrelid = k2.conrelid AND k1.oid <> k2.oid
-                                        JOIN rel a ON a.oid = k1.confrelid JOIN rel b ON b.oid = k2.confrelid
-                                        WHERE k1.contype = 'f' AND k2.contype = 'f' AND a.relname = $2 AND b.relname = $3)
-                             OR ((SELECT count(*) FROM rel) = 2 AND EXISTS (SELECT 1 FROM rel WHERE relkind IN ('v','m')))",
-                        &[&schema, parent, child],
+                                      WHERE n.nspname = $1),
+                         fk AS (SELECT k.conname, k.conrelid, s.relname AS source, t.relname AS target,
+                                       CASE WHEN cardinality(k.conkey) = 1 THEN (SELECT a.attname::text FROM pg_attribute a
+                                            WHERE a.attrelid = k.conrelid AND a.attnum = k.conkey[1]) END AS col,
+                                       CASE WHEN cardinality(k.confkey) = 1 THEN (SELECT a.attname::text FROM pg_attribute a
+                                            WHERE a.attrelid = k.confrelid AND a.attnum = k.confkey[1]) END AS refcol
+                                  FROM pg_constraint k JOIN rel s ON s.oid = k.conrelid JOIN rel t ON t.oid = k.confrelid
+                                 WHERE k.contype = 'f' AND (s.relname IN ($2, $3) OR t.relname IN ($2, $3)))
+                         SELECT EXISTS (SELECT 1 FROM fk WHERE source = $2 AND (target = $3 OR col = $3)
+                                          AND ($4::text IS NULL OR conname = $4 OR col = $4 OR refcol = $4))
+                             OR EXISTS (SELECT 1 FROM fk WHERE target = $2 AND source = $3
+                                          AND ($4::text IS NULL OR conname = $4 OR col = $4 OR refcol = $4))
+                             OR EXISTS (SELECT 1 FROM fk a JOIN fk b ON a.conrelid = b.conrelid AND a.conname <> b.conname
+                                         WHERE a.target = $2 AND b.target = $3
+                                           AND ($4::text IS NULL OR a.source = $4 OR a.conname = $4 OR b.conname = $4))
+                             OR (EXISTS (SELECT 1 FROM rel WHERE relname = $2) AND EXISTS (SELECT 1 FROM rel WHERE relname = $3)
+                                 AND EXISTS (SELECT 1 FROM rel WHERE relname IN ($2, $3) AND relkind IN ('v', 'm')))",
+                        &[&schema, parent, child, hint],
                     )
                     .await
             }
