@@ -324,3 +324,61 @@ async fn replicas_heal_with_one_notify(family: Family, both_admins: bool) {
 
 family_matrix!(replicas_with_an_admin_url_each, |family| replicas_heal_with_one_notify(family, true));
 family_matrix!(replicas_with_one_admin_url, |family| replicas_heal_with_one_notify(family, false));
+
+/// Writes `count` rows naming `column`, each from a client of its own (so connections, and with
+/// them processes sharing a port, alternate); every one must be stored.
+async fn write_through(guard: &pgrst_guard::RunningGuard, column: &str, label: &str, count: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let url = format!("{}/chat_messages", guard.url());
+        let body = format!(r#"{{"content":"{label}{i}","{column}":["a"]}}"#);
+        tasks.push(tokio::spawn(async move { support::client::HttpClient::new().post_json(&url, &body).await }));
+    }
+    for task in tasks {
+        let r = task.await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    }
+}
+
+/// v16's `server-reuseport` hand-over: a new process starts on the old one's port (with an admin
+/// port of its own, which cannot be shared), both serve for a while, then the old one stops, and
+/// with it the admin URL the guard was given. Stale requests heal through all of it with one
+/// NOTIFY per migration and within the deadline.
+#[tokio::test]
+async fn a_reuseport_hand_over_heals_with_one_notify_per_migration() {
+    use support::postgrest::{PostgrestOptions, RealPostgrest};
+    let port = support::pg::free_port();
+    let bed = RealBed::start_with(Family::V16, CHAT, |o| PostgrestOptions { shared_port: Some(port), ..o }).await;
+    let guard = start_guard(
+        &bed.postgrest.url(),
+        &bed.pg.uri("postgres"),
+        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
+    )
+    .await;
+    let notifies = support::guard::NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+
+    // Migrate, then bring up the new process: the old one is stale, the new one fresh.
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    let successor = RealPostgrest::start(
+        Family::V16,
+        PostgrestOptions { shared_port: Some(port), ..PostgrestOptions::new(&bed.pg) },
+    )
+    .await;
+    let started = Instant::now();
+    write_through(&guard, "artifact_ids", "both", 40).await;
+    println!("40 writes while both processes serve: {:?}", started.elapsed());
+    assert!(notifies.count() <= 1, "{} NOTIFYs", notifies.count());
+
+    // The old process leaves, and the admin URL with it; the next migration heals on the new one.
+    bed.postgrest.stop().await;
+    let before = notifies.count();
+    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN tool_ids text[]").await;
+    let started = Instant::now();
+    write_through(&guard, "tool_ids", "after", 40).await;
+    let elapsed = started.elapsed();
+    println!("40 writes after the old process left: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert_eq!(notifies.count(), before + 1);
+    assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages").await, 80);
+    drop(successor);
+}

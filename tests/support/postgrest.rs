@@ -71,6 +71,9 @@ pub struct PostgrestOptions {
     pub channel_enabled: bool,
     pub jwt_secret: Option<String>,
     pub pool_size: u32,
+    /// Listen on this port with `server-reuseport` (v16): several processes share it, as in a
+    /// hand-over from an old process to a new one.
+    pub shared_port: Option<u16>,
 }
 
 impl PostgrestOptions {
@@ -83,6 +86,7 @@ impl PostgrestOptions {
             channel_enabled: true,
             jwt_secret: None,
             pool_size: 10,
+            shared_port: None,
         }
     }
 
@@ -109,7 +113,7 @@ impl RealPostgrest {
         let (binary, version) = binary_for(family);
         let dir = std::env::temp_dir().join(format!("pgrst-guard-postgrest-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("create PostgREST dir");
-        let (port, admin_port) = (free_port(), free_port());
+        let (port, admin_port) = (options.shared_port.unwrap_or_else(free_port), free_port());
         let mut config = format!(
             "db-uri = \"{}\"\ndb-schemas = \"{}\"\ndb-anon-role = \"anon\"\ndb-channel = \"{}\"\n\
              db-channel-enabled = {}\ndb-pool = {}\nserver-host = \"127.0.0.1\"\nserver-port = {port}\n\
@@ -118,6 +122,9 @@ impl RealPostgrest {
         );
         if family >= Family::V13 {
             config.push_str("admin-server-host = \"127.0.0.1\"\n");
+        }
+        if options.shared_port.is_some() {
+            config.push_str("server-reuseport = true\n");
         }
         if let Some(secret) = &options.jwt_secret {
             config.push_str(&format!("jwt-secret = \"{secret}\"\n"));
