@@ -91,7 +91,9 @@ impl CatalogCheck {
 
     /// Does `object` exist, by a catalog snapshot taken after `requested_at` (when the request
     /// whose answer named it was sent)? `schema` is the request's schema (Accept-/Content-Profile or
-    /// the first exposed one), used where PostgREST's message does not qualify the name. Gives up
+    /// the first exposed one), used where PostgREST's message does not qualify the name. Exposure
+    /// needs no check of its own: PostgREST answers PGRST106 for an unexposed profile before any
+    /// schema-cache error, so every schema an error names is exposed. Gives up
     /// with [`CatalogAnswer::Unknown`] at `deadline`. Also says when the query returned: by then
     /// whatever made the object exist had surely committed.
     pub async fn exists(
