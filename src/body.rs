@@ -2,7 +2,8 @@
 //! guard's own answers are small buffers.
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt};
+use http_body_util::BodyExt;
+use tower_http::body::UnsyncBoxBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -16,16 +17,16 @@ pub type GuardFuture = std::pin::Pin<
 pub enum GuardBody {
     Upstream(hyper::body::Incoming),
     Buffered(Option<Bytes>),
-    Boxed(BoxBody<Bytes, BoxError>),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
 
 impl GuardBody {
     pub fn boxed<B>(body: B) -> GuardBody
     where
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        GuardBody::Boxed(body.map_err(Into::into).boxed())
+        GuardBody::Boxed(UnsyncBoxBody::new(body.map_err(Into::into)))
     }
 }
 

@@ -29,6 +29,8 @@ pub enum GuardErrorKind {
     NoRoute,
     /// A method no PostgREST serves (CONNECT): 405, as PostgREST's own PGRST117.
     MethodNotAllowed,
+    /// The guard itself failed on this request (a panic, caught): 500.
+    Internal,
 }
 
 #[derive(Debug)]
@@ -103,6 +105,13 @@ impl GuardError {
                 "Unsupported HTTP method.",
                 Some("PostgREST serves GET, HEAD, POST, PATCH, PUT, DELETE and OPTIONS."),
                 "http_request_denied",
+            ),
+            GuardErrorKind::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "PGRSTG10",
+                "Internal error in pgrst-guard.",
+                Some("Retry the request; if it fails again, report it with the guard's log."),
+                "proxy_internal_error",
             ),
             GuardErrorKind::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod doctor;
+pub mod edge;
 pub mod error;
 pub mod forwarded;
 pub mod gateway;
@@ -93,7 +94,7 @@ impl ServiceStack {
             .passthrough_upstream
             .as_ref()
             .map(|origin| Forwarder::<RequestBody>::new(origin, config, self.https.clone()).with_upgrades());
-        Gateway::new(rest, passthrough, config.rest_prefix.clone())
+        edge::layer(Gateway::new(rest, passthrough, config.rest_prefix.clone()))
     }
 }
 

@@ -280,7 +280,43 @@ family_matrix!(forwarding_headers_cannot_be_erased_or_forged, |family| async mov
     assert_eq!(seen["prefer"], "tx=commit");
     assert_eq!(seen["accept-profile"], "public");
     assert_eq!(seen["x-retry-count"], "2");
+    // The guard gives every request an id, and PostgREST sees it.
+    assert_eq!(seen["x-request-id"].as_str().map(str::len), Some(36), "{seen}");
 });
+
+/// A request id reaches PostgREST and comes back with the answer: the client's own when it sends
+/// one, the guard's otherwise; through a heal too, so one id follows a request and its replays.
+#[tokio::test]
+async fn request_ids_reach_postgrest_and_come_back() {
+    let bed = RealBed::start(
+        support::postgrest::Family::V14,
+        &format!("{SEEN_HEADERS} CREATE TABLE notes (id int PRIMARY KEY);"),
+    )
+    .await;
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let url = format!("{}/rpc/seen_headers", guard.url());
+    let r = bed.http.send(Method::GET, &url, &[("x-request-id", "client-chosen-1")], "").await;
+    assert_eq!(r.json()["x-request-id"], "client-chosen-1");
+    assert_eq!(r.header("x-request-id"), Some("client-chosen-1"));
+    let (a, b) = (bed.http.get(&url).await, bed.http.get(&url).await);
+    let (a_id, b_id) = (a.header("x-request-id").unwrap().to_string(), b.header("x-request-id").unwrap().to_string());
+    assert_ne!(a_id, b_id);
+    assert_eq!(a.json()["x-request-id"], a_id.as_str());
+
+    bed.pg.sql("ALTER TABLE notes ADD COLUMN body text").await;
+    let r = bed
+        .http
+        .send(
+            Method::POST,
+            &format!("{}/notes", guard.url()),
+            &[("content-type", "application/json"), ("x-request-id", "heal-me")],
+            r#"{"id":1,"body":"b"}"#.to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.header("x-pgrst-guard"), Some("replayed"));
+    assert_eq!(r.header("x-request-id"), Some("heal-me"));
+}
 
 #[tokio::test]
 async fn a_trusted_proxys_forwarding_headers_are_kept_and_appended_to() {

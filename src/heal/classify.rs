@@ -360,7 +360,7 @@ pub fn missing_object(message: &str) -> MissingObject {
 /// read and then streams the rest.
 async fn read_capped<B>(mut body: B, cap: usize) -> Result<Bytes, GuardBody>
 where
-    B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::body::BoxError>,
 {
     let mut collected = BytesMut::new();

@@ -340,7 +340,8 @@ impl<S> HealService<S> {
         }
         self.metrics.heal(code, outcome.as_str());
         self.metrics.observe_heal_wait(started.elapsed());
-        tracing::info!(code, object = %object, wait_ms, replays, outcome = outcome.as_str(), status = last.status().as_u16(), method = %template.method, path = template.uri.path(), "heal");
+        let request_id = template.headers.get(crate::edge::REQUEST_ID).and_then(|id| id.to_str().ok()).unwrap_or("");
+        tracing::info!(code, object = %object, wait_ms, replays, outcome = outcome.as_str(), status = last.status().as_u16(), method = %template.method, path = template.uri.path(), request_id, "heal");
         last
     }
 
