@@ -1,143 +1,153 @@
-//! The guard's own counters and histograms, rendered in Prometheus text on the admin listener.
+//! The guard's own counters and histograms, kept and rendered (Prometheus text format 0.0.4) by
+//! the `prometheus` crate on the admin listener. Names are those the guard has always exposed.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Upper bounds in seconds, shared by the latency histograms.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// Counts per bucket (the last one is +Inf) and the sum; cumulative counts are made when rendered,
-/// so an observation costs two atomic additions on the request path.
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        let bucket = BUCKETS.iter().position(|bound| seconds <= *bound).unwrap_or(BUCKETS.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let total = cumulative + self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {total}");
-    }
-}
+/// Statuses 100 to 599.
+const STATUSES: usize = 500;
 
 pub struct Metrics {
-    /// Answers by status code (100 to 599), indexed by `status - 100`.
-    responses: [AtomicU64; 500],
-    heals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    notifies_sent: AtomicU64,
-    catalog_checks: Mutex<BTreeMap<&'static str, u64>>,
+    registry: Registry,
+    responses: IntCounterVec,
+    /// Each status's counter, looked up once: on the request path an answer costs an index and an
+    /// atomic addition, not a hash lookup under the vector's lock.
+    response_counters: Box<[OnceLock<IntCounter>; STATUSES]>,
+    heals: IntCounterVec,
+    notifies_sent: IntCounter,
+    catalog_checks: IntCounterVec,
+    notifies_seen: IntCounter,
+    database_connected: IntGauge,
     heal_wait: Histogram,
     request_duration: Histogram,
     upstream_latency: Histogram,
+    /// One scrape at a time: the counters fed from elsewhere are brought up to date while rendering.
+    rendering: Mutex<()>,
 }
 
 impl Default for Metrics {
     fn default() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(vec.clone())).expect("unique metric");
+            vec
+        };
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(counter.clone())).expect("unique metric");
+            counter
+        };
+        let histogram = |name: &str, help: &str| {
+            let histogram =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())).expect("valid metric");
+            registry.register(Box::new(histogram.clone())).expect("unique metric");
+            histogram
+        };
+        let database_connected =
+            IntGauge::new("pgrst_guard_database_connected", "Whether the NOTIFY connection is up.").expect("valid");
+        registry.register(Box::new(database_connected.clone())).expect("unique metric");
         Metrics {
-            responses: std::array::from_fn(|_| AtomicU64::new(0)),
-            heals: Mutex::default(),
-            notifies_sent: AtomicU64::new(0),
-            catalog_checks: Mutex::default(),
-            heal_wait: Histogram::default(),
-            request_duration: Histogram::default(),
-            upstream_latency: Histogram::default(),
+            responses: counter_vec("pgrst_guard_responses_total", "Answers sent to clients, by status.", &["status"]),
+            response_counters: Box::new(std::array::from_fn(|_| OnceLock::new())),
+            heals: counter_vec(
+                "pgrst_guard_heals_total",
+                "Schema-cache errors met, by code and outcome.",
+                &["code", "outcome"],
+            ),
+            notifies_sent: counter("pgrst_guard_notifies_sent_total", "Reload NOTIFYs sent."),
+            catalog_checks: counter_vec(
+                "pgrst_guard_catalog_checks_total",
+                "Catalog checks before a reload, by result.",
+                &["result"],
+            ),
+            notifies_seen: counter(
+                "pgrst_guard_notifies_seen_total",
+                "Reload NOTIFYs sent by others and seen on the channel.",
+            ),
+            database_connected,
+            heal_wait: histogram("pgrst_guard_heal_wait_seconds", "Time from a schema-cache error to the answer sent."),
+            request_duration: histogram("pgrst_guard_request_duration_seconds", "Time from request to response head."),
+            upstream_latency: histogram(
+                "pgrst_guard_upstream_latency_seconds",
+                "Time from forwarding to the upstream's response head.",
+            ),
+            registry,
+            rendering: Mutex::new(()),
         }
     }
 }
 
 impl Metrics {
     pub fn response(&self, status: u16, took: Duration) {
-        if let Some(count) = self.responses.get(usize::from(status).wrapping_sub(100)) {
-            count.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.response_counters.get(usize::from(status).wrapping_sub(100)) {
+            slot.get_or_init(|| self.responses.with_label_values(&[status.to_string().as_str()])).inc();
         }
-        self.request_duration.observe(took);
+        self.request_duration.observe(took.as_secs_f64());
     }
 
     pub fn heal(&self, code: &'static str, outcome: &'static str) {
-        *self.heals.lock().expect("metrics lock").entry((code, outcome)).or_default() += 1;
+        self.heals.with_label_values(&[code, outcome]).inc();
     }
 
     pub fn catalog_check(&self, result: &'static str) {
-        *self.catalog_checks.lock().expect("metrics lock").entry(result).or_default() += 1;
+        self.catalog_checks.with_label_values(&[result]).inc();
     }
 
     pub fn notify_sent(&self) {
-        self.notifies_sent.fetch_add(1, Ordering::Relaxed);
+        self.notifies_sent.inc();
     }
 
     pub fn observe_upstream(&self, took: Duration) {
-        self.upstream_latency.observe(took);
+        self.upstream_latency.observe(took.as_secs_f64());
     }
 
     pub fn observe_heal_wait(&self, took: Duration) {
-        self.heal_wait.observe(took);
+        self.heal_wait.observe(took.as_secs_f64());
     }
 
+    /// The text exposition, with the database connection's state and the NOTIFYs it has seen.
     pub fn render(&self, database_connected: bool, notifies_seen: u64) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP pgrst_guard_responses_total Answers sent to clients, by status.\n# TYPE pgrst_guard_responses_total counter\n");
-        for (index, count) in self.responses.iter().enumerate() {
-            let count = count.load(Ordering::Relaxed);
-            if count > 0 {
-                let _ = writeln!(out, "pgrst_guard_responses_total{{status=\"{}\"}} {count}", index + 100);
-            }
+        let _one_scrape = self.rendering.lock().expect("metrics lock");
+        self.database_connected.set(i64::from(database_connected));
+        self.notifies_seen.inc_by(notifies_seen.saturating_sub(self.notifies_seen.get()));
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_names_the_guard_has_always_exposed() {
+        let metrics = Metrics::default();
+        metrics.response(201, Duration::from_millis(3));
+        metrics.response(201, Duration::from_millis(3));
+        metrics.heal("PGRST204", "healed");
+        metrics.catalog_check("missing");
+        metrics.notify_sent();
+        let text = metrics.render(true, 4);
+        for line in [
+            "pgrst_guard_responses_total{status=\"201\"} 2",
+            "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"} 1",
+            "pgrst_guard_catalog_checks_total{result=\"missing\"} 1",
+            "pgrst_guard_notifies_sent_total 1",
+            "pgrst_guard_notifies_seen_total 4",
+            "pgrst_guard_database_connected 1",
+            "pgrst_guard_request_duration_seconds_bucket{le=\"0.005\"} 2",
+            "pgrst_guard_request_duration_seconds_count 2",
+            "# TYPE pgrst_guard_heal_wait_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
-        out.push_str("# HELP pgrst_guard_heals_total Schema-cache errors met, by code and outcome.\n# TYPE pgrst_guard_heals_total counter\n");
-        for ((code, outcome), count) in self.heals.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "pgrst_guard_heals_total{{code=\"{code}\",outcome=\"{outcome}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP pgrst_guard_notifies_sent_total Reload NOTIFYs sent.\n# TYPE pgrst_guard_notifies_sent_total counter\npgrst_guard_notifies_sent_total {}",
-            self.notifies_sent.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP pgrst_guard_catalog_checks_total Catalog checks before a reload, by result.\n# TYPE pgrst_guard_catalog_checks_total counter\n");
-        for (result, count) in self.catalog_checks.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "pgrst_guard_catalog_checks_total{{result=\"{result}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP pgrst_guard_notifies_seen_total Reload NOTIFYs sent by others and seen on the channel.\n# TYPE pgrst_guard_notifies_seen_total counter\npgrst_guard_notifies_seen_total {notifies_seen}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP pgrst_guard_database_connected Whether the NOTIFY connection is up.\n# TYPE pgrst_guard_database_connected gauge\npgrst_guard_database_connected {}",
-            u8::from(database_connected)
-        );
-        self.heal_wait.render(
-            &mut out,
-            "pgrst_guard_heal_wait_seconds",
-            "Time from a schema-cache error to the answer sent.",
-        );
-        self.upstream_latency.render(
-            &mut out,
-            "pgrst_guard_upstream_latency_seconds",
-            "Time from forwarding to the upstream's response head.",
-        );
-        self.request_duration.render(
-            &mut out,
-            "pgrst_guard_request_duration_seconds",
-            "Time from request to response head.",
-        );
-        out
+        assert!(metrics.render(false, 6).lines().any(|l| l == "pgrst_guard_notifies_seen_total 6"));
     }
 }
