@@ -1,11 +1,13 @@
 use std::path::PathBuf;
 
+use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Command};
-use pgrst_guard::config::{self, Config, RawConfig, KEYS};
+use pgrst_guard::config::{self, Config, Setting, Settings, Source, KEYS};
 use pgrst_guard::RunningGuard;
 
-/// One flag per configuration key (`--db-uri` for `PGRST_GUARD_DB_URI`), built from the same list
-/// that `--help`, the TOML file and the environment use, so the four cannot drift apart.
+/// One flag per configuration key (`--db-uri` for `PGRST_GUARD_DB_URI`), each also read by clap from
+/// its environment variable, built from the same list that `--help` and the TOML file use, so they
+/// cannot drift apart. Environment values are never shown in `--help`: one may hold a password.
 fn cli() -> Command {
     let mut command = Command::new("pgrst-guard")
         .version(env!("CARGO_PKG_VERSION"))
@@ -46,9 +48,11 @@ fn cli() -> Command {
         .arg(
             Arg::new("config")
                 .long("config")
+                .env("PGRST_GUARD_CONFIG")
+                .hide_env_values(true)
                 .global(true)
                 .value_name("PATH")
-                .help("TOML configuration file [PGRST_GUARD_CONFIG]"),
+                .help("TOML configuration file"),
         )
         .arg(
             Arg::new("print-config")
@@ -61,18 +65,28 @@ fn cli() -> Command {
         command = command.arg(
             Arg::new(key.toml)
                 .long(key.toml.replace('_', "-"))
+                .env(key.env)
+                .hide_env_values(true)
                 .global(true)
                 .value_name("VALUE")
-                .help(format!("{}{default} [{}]", key.help, key.env)),
+                .help(format!("{}{default}", key.help)),
         );
     }
     command
 }
 
-fn flags(matches: &ArgMatches) -> RawConfig {
+/// The values clap found in flags and the environment, each with where it was set.
+fn overrides(matches: &ArgMatches) -> Settings {
     let matches = matches.subcommand_matches("doctor").unwrap_or(matches);
     KEYS.iter()
-        .filter_map(|key| matches.get_one::<String>(key.toml).map(|value| (key.env.to_string(), value.clone())))
+        .filter_map(|key| {
+            let value = matches.get_one::<String>(key.toml)?.clone();
+            let source = match matches.value_source(key.toml)? {
+                ValueSource::CommandLine => Source::Flag(format!("--{}", key.toml.replace('_', "-"))),
+                _ => Source::Environment,
+            };
+            Some((key.env.to_string(), Setting { value, source: Some(source) }))
+        })
         .collect()
 }
 
@@ -101,13 +115,9 @@ fn main() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         std::process::exit(runtime.block_on(pgrst_guard::sandbox::run(options)));
     }
-    let config_file = matches
-        .subcommand_matches("doctor")
-        .unwrap_or(&matches)
-        .get_one::<String>("config")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("PGRST_GUARD_CONFIG").map(PathBuf::from));
-    let config = match Config::load(config_file.as_deref(), config::raw_from_env(std::env::vars()), flags(&matches)) {
+    let config_file =
+        matches.subcommand_matches("doctor").unwrap_or(&matches).get_one::<String>("config").map(PathBuf::from);
+    let config = match Config::load(config_file.as_deref(), overrides(&matches)) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pgrst-guard: {e}");

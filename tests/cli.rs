@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pgrst_guard::config::{raw_from_env, Config};
+use pgrst_guard::config::{sources, Config, Setting, Settings, Source};
 
 fn guard() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pgrst-guard"));
@@ -60,11 +60,10 @@ fn the_documented_config_file_lists_every_key_and_parses() {
         );
     }
     let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgrst-guard.toml"));
-    let raw = pgrst_guard::config::raw_from_toml(path).unwrap();
-    let mut flags = pgrst_guard::config::RawConfig::new();
-    flags.insert("PGRST_GUARD_DB_URI".into(), "postgres://u@h/db".into());
-    Config::load(Some(path), raw_from_env([]), flags).unwrap();
-    assert!(!raw.is_empty());
+    let settings = sources::from_toml(path).unwrap();
+    assert!(!settings.is_empty());
+    let db_uri = Setting { value: "postgres://u@h/db".into(), source: Some(Source::Environment) };
+    Config::load(Some(path), Settings::from([("PGRST_GUARD_DB_URI".to_string(), db_uri)])).unwrap();
 }
 
 #[test]
@@ -72,24 +71,51 @@ fn flags_win_over_environment_which_wins_over_the_file() {
     let dir = std::env::temp_dir().join(format!("pgrst-guard-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("guard.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"http://file:3000\"\nlisten = \"nowhere-from-file\"\ndb_uri = \"postgres://file@h/db\"\n",
+    )
+    .unwrap();
+    // The same bad key from each source: the error shows which one won, and where it was set.
+    let with_file = || {
+        let mut command = guard();
+        command.arg("--config").arg(&file);
+        command
+    };
+    let e =
+        fails_with(with_file().env("PGRST_GUARD_LISTEN", "nowhere-from-env").args(["--listen", "nowhere-from-flag"]));
+    assert!(e.contains("PGRST_GUARD_LISTEN (set by --listen)") && e.contains("nowhere-from-flag"), "{e}");
+    let e = fails_with(with_file().env("PGRST_GUARD_LISTEN", "nowhere-from-env"));
+    assert!(e.contains("PGRST_GUARD_LISTEN (set in the environment)") && e.contains("nowhere-from-env"), "{e}");
+    let e = fails_with(&mut with_file());
+    assert!(e.contains(&format!("PGRST_GUARD_LISTEN (set in {} line 2)", file.display())), "{e}");
+    let e = fails_with(guard().env("PGRST_GUARD_CONFIG", &file));
+    assert!(e.contains("line 2") && e.contains("nowhere-from-file"), "{e}");
+
+    // Good values merge key by key: what the file sets stays unless overridden.
     std::fs::write(&file, "listen = \"127.0.0.1:7001\"\nupstream = \"http://file:3000\"\ndb_uri = \"postgres://file@h/db\"\ndb_channel = \"from_file\"\nheal_deadline_ms = 5000\n").unwrap();
-    let env = raw_from_env([
-        ("PGRST_GUARD_UPSTREAM".to_string(), "http://env:3000/rest/v1".to_string()),
-        ("PGRST_GUARD_DB_CHANNEL".to_string(), "from_env".to_string()),
-        ("UNRELATED".to_string(), "x".to_string()),
+    let set = |value: &str, source: Source| Setting { value: value.into(), source: Some(source) };
+    let overrides = Settings::from([
+        ("PGRST_GUARD_UPSTREAM".to_string(), set("http://env:3000/rest/v1", Source::Environment)),
+        ("PGRST_GUARD_DB_CHANNEL".to_string(), set("from_flag", Source::Flag("--db-channel".into()))),
     ]);
-    let mut flags = pgrst_guard::config::RawConfig::new();
-    flags.insert("PGRST_GUARD_DB_CHANNEL".into(), "from_flag".into());
-    let config = Config::load(Some(&file), env, flags).unwrap();
+    let config = Config::load(Some(&file), overrides).unwrap();
     assert_eq!(config.listen.to_string(), "127.0.0.1:7001");
     assert_eq!(config.upstream.to_string(), "http://env:3000/rest/v1");
     assert_eq!(config.db_channel, "from_flag");
     assert_eq!(config.heal_deadline, Duration::from_secs(5));
 
-    std::fs::write(&file, "listne = \"127.0.0.1:7001\"\n").unwrap();
+    std::fs::write(&file, "upstream = \"http://file:3000\"\nlistne = \"127.0.0.1:7001\"\n").unwrap();
     let e = fails_with(guard().arg("--config").arg(&file));
-    assert!(e.contains("unknown key") && e.contains("listne"), "{e}");
+    assert!(e.contains("unknown key") && e.contains("listne") && e.contains("line 2"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_never_shows_an_environment_value() {
+    let out = guard().arg("--help").env("PGRST_GUARD_DB_URI", "postgres://u:hunter2@h/db").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("PGRST_GUARD_DB_URI") && !help.contains("hunter2"), "{help}");
 }
 
 #[test]

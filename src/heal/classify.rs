@@ -103,7 +103,7 @@ impl RequestFacts<'_> {
     fn query_param(&self, name: &str) -> Option<String> {
         self.query?.split('&').find_map(|pair| {
             let (key, value) = pair.split_once('=')?;
-            (key == name).then(|| crate::config::percent_decode(value))
+            (key == name).then(|| percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned())
         })
     }
 
