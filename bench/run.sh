@@ -13,59 +13,16 @@ POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
 OUT=bench/results-latest.md
 WORK=$(mktemp -d /tmp/pgrst-guard-bench.XXXXXX)
 chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  [ -n "${PGDATA_DIR:-}" ] && as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-need() { command -v "$1" >/dev/null 2>&1 || { echo "installing $2"; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+source bench/common.sh
 need wrk wrk
 need nginx nginx
 need curl curl
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-
 echo "building (release)"
 cargo build --release --quiet --bin pgrst-guard --example postgrest_double --example bench_heal --example bench_heal_real
 
-# PostgreSQL
-PG_BIN=$(pg_config --bindir); [ -x "$PG_BIN/initdb" ] || PG_BIN=/usr/lib/postgresql/15/bin
-PGDATA_DIR=$WORK/pg; PG_PORT=$(free_port)
-mkdir -p "$PGDATA_DIR"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$PGDATA_DIR"
-as_postgres "$PG_BIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust --no-sync >/dev/null
-as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PGDATA_DIR/log" -w -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
-DB_URI="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
-psql -q "$DB_URI" -c "CREATE TABLE bench_items (id int PRIMARY KEY, name text, created_at timestamptz DEFAULT '2026-01-01');
-                      INSERT INTO bench_items (id, name) SELECT g, 'item ' || g FROM generate_series(1, 3) g;
-                      CREATE ROLE anon NOLOGIN; CREATE ROLE authenticator LOGIN NOINHERIT; GRANT anon TO authenticator;
-                      GRANT USAGE ON SCHEMA public TO anon; GRANT SELECT ON bench_items TO anon;"
-
-# The real PostgREST 14
-PGRST_BIN=$WORK/postgrest
-src=$(ls "$POSTGREST_DIR"/postgrest-14.* | sort -V | tail -n 1)
-case "$src" in *.xz) xz -dc "$src" >"$PGRST_BIN" ;; *) cp "$src" "$PGRST_BIN" ;; esac
-chmod +x "$PGRST_BIN"
-PGRST_PORT=$(free_port); PGRST_ADMIN=$(free_port)
-cat >"$WORK/postgrest.conf" <<CONF
-db-uri = "postgresql://authenticator@127.0.0.1:$PG_PORT/postgres"
-db-schemas = "public"
-db-anon-role = "anon"
-db-pool = 20
-server-host = "127.0.0.1"
-server-port = $PGRST_PORT
-admin-server-port = $PGRST_ADMIN
-log-level = "error"
-CONF
-LANG=C.UTF-8 "$PGRST_BIN" "$WORK/postgrest.conf" >"$WORK/postgrest.log" 2>&1 &
-PIDS+=($!); wait_port "$PGRST_PORT"
+start_postgres
+start_postgrest
 
 # The PostgREST double
 DOUBLE_PORT=$(free_port); DOUBLE_ADMIN=$(free_port)
@@ -74,7 +31,6 @@ PIDS+=($!); wait_port "$DOUBLE_PORT"
 
 # nginx: the static origin, and the two proxies
 ORIGIN_PORT=$(free_port); NGINX_STATIC=$(free_port); NGINX_DOUBLE=$(free_port); NGINX_PGRST=$(free_port)
-BODY='[{"id":1,"name":"item 1","created_at":"2026-01-01T00:00:00+00:00"},{"id":2,"name":"item 2","created_at":"2026-01-01T00:00:00+00:00"}]'
 cat >"$WORK/nginx.conf" <<CONF
 worker_processes auto;
 pid $WORK/nginx.pid;
@@ -85,7 +41,7 @@ http {
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
   upstream double { server 127.0.0.1:$DOUBLE_PORT; keepalive 128; }
   upstream postgrest { server 127.0.0.1:$PGRST_PORT; keepalive 128; }
-  server { listen 127.0.0.1:$ORIGIN_PORT; client_max_body_size 0; location / { default_type "application/json; charset=utf-8"; return 200 '$BODY'; } }
+  server { listen 127.0.0.1:$ORIGIN_PORT; client_max_body_size 0; location / { default_type "application/json; charset=utf-8"; return 200 '$BENCH_BODY'; } }
   server { listen 127.0.0.1:$NGINX_STATIC; client_max_body_size 0; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
   server { listen 127.0.0.1:$NGINX_DOUBLE; location / { proxy_pass http://double; proxy_http_version 1.1; proxy_set_header Connection ""; } }
   server { listen 127.0.0.1:$NGINX_PGRST; location / { proxy_pass http://postgrest; proxy_http_version 1.1; proxy_set_header Connection ""; } }
@@ -106,8 +62,6 @@ wait_port "$GUARD_STATIC"; wait_port "$GUARD_DOUBLE"; wait_port "$GUARD_PGRST"
 sleep 1
 IDLE_KB=$(rss_kb "$GUARD_STATIC_PID")
 
-# wrk's latency lines look like "50%  123.00us"; print them in microseconds.
-to_us() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v*1000 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000000 } }'; }
 declare -A RPS P50 P99
 run_wrk() { # name url connections round
   local threads=1; [ "$3" -gt 1 ] && threads=2
@@ -117,9 +71,6 @@ run_wrk() { # name url connections round
   P99[$1/$3/$4]=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
   printf '  round %s %-16s c=%-3s %8s req/s  p50 %8s us  p99 %8s us\n' "$4" "$1" "$3" "${RPS[$1/$3/$4]}" "${P50[$1/$3/$4]}" "${P99[$1/$3/$4]}"
 }
-# The median and the spread (min–max) of one measure over the rounds.
-median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s–%s", lo, hi }'; }
 values() { local -n table=$1; local key=$2; for r in $(seq 1 "$ROUNDS"); do echo "${table[$key/$r]}"; done; }
 echo "load: wrk, ${DURATION}s per run, $ROUNDS rounds"
 for r in $(seq 1 "$ROUNDS"); do
@@ -163,8 +114,6 @@ HEAL_TABLE=$(target/release/examples/bench_heal 2>"$WORK/heal.log")
 echo "heal cost on the real PostgREST with a big schema"
 HEAL_REAL=$(PGRST_GUARD_TEST_POSTGREST="$POSTGREST_DIR" target/release/examples/bench_heal_real ${BIG_SCHEMA_TABLES:-2000} 30 2>"$WORK/heal-real.log")
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
 {
   echo "## Latest run ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, ${DURATION}s per load run)"
   echo
