@@ -3,7 +3,7 @@
 # same machine, same run, alternating in each round, on a static origin (the proxy's own cost) and
 # the real PostgREST 14; medians of ROUNDS rounds and the after/before ratio.
 #   bash bench/compare.sh [BASE]      (DURATION=10 seconds per load run, ROUNDS=3 by default)
-# Writes bench/compare-latest.md.
+# BASE_BIN=path skips building BASE. Writes bench/compare-latest.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-HEAD~1}
@@ -19,11 +19,17 @@ need nginx nginx
 
 BASE_COMMIT=$(git rev-parse --short "$BASE")
 echo "building the guard at $BASE_COMMIT and the working tree (release)"
-git worktree add -f -q "$WORK/base-src" "$BASE_COMMIT"
-CARGO_TARGET_DIR=target/bench-base cargo build --release --quiet --bin pgrst-guard --manifest-path "$WORK/base-src/Cargo.toml"
-git worktree remove --force "$WORK/base-src"
+if [ -n "${BASE_BIN:-}" ]; then
+  # A binary already built from BASE (it is the caller's word that it was).
+  cp "$BASE_BIN" "$WORK/guard-before"
+else
+  git worktree add -f -q "$WORK/base-src" "$BASE_COMMIT"
+  CARGO_TARGET_DIR=target/bench-base cargo build --release --quiet --bin pgrst-guard --manifest-path "$WORK/base-src/Cargo.toml"
+  git worktree remove --force "$WORK/base-src"
+  cp target/bench-base/release/pgrst-guard "$WORK/guard-before"
+fi
 cargo build --release --quiet --bin pgrst-guard
-cp target/bench-base/release/pgrst-guard "$WORK/guard-before"; cp target/release/pgrst-guard "$WORK/guard-after"
+cp target/release/pgrst-guard "$WORK/guard-after"
 
 start_postgres
 start_postgrest

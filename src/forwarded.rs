@@ -3,6 +3,9 @@
 //! `-Host` itself. What a client says about where a request came from (`X-Forwarded-*`,
 //! `Forwarded`, `X-Real-IP`) is believed only from a configured trusted proxy; from anyone else it
 //! is replaced, never appended to, so a client can neither erase nor forge its address.
+//!
+//! Hand-written because tower-http has no trusted-proxy handling of forwarding headers, and a CIDR
+//! match is a dozen lines, not worth a dependency outside the crates this project keeps to.
 
 use std::net::IpAddr;
 use std::str::FromStr;

@@ -1,10 +1,14 @@
 //! Listeners and connections: HTTP/1.1 and HTTP/2 (h2c) from clients, the client address put on
 //! each request, the connection and request limits, and graceful shutdown (stop accepting, let
 //! requests and heals finish).
+//!
+//! The accept loop is ours because hyper-util's server has no connection cap with a PostgREST-shaped
+//! refusal, no 408 for a slow request head and no idle close shared with WebSocket tunnels.
 
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,32 +177,39 @@ const MAX_CONCURRENT_REFUSALS: usize = 32;
 #[derive(Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
-/// Requests in flight on a connection and when the last one began or ended.
+/// Requests in flight on a connection and when the last one began or ended, in atomics: two per
+/// request, no lock.
 struct Activity {
-    in_flight: std::sync::atomic::AtomicUsize,
-    last: std::sync::Mutex<Instant>,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `epoch` to the last beginning or end of a request.
+    last_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { in_flight: std::sync::atomic::AtomicUsize::new(0), last: std::sync::Mutex::new(Instant::now()) }
+        Activity { in_flight: AtomicUsize::new(0), last_ms: AtomicU64::new(0), epoch: Instant::now() }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
     }
 
     fn begin(&self) {
-        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        *self.last.lock().expect("activity lock") = Instant::now();
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
     }
 
     fn end(&self) {
-        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        *self.last.lock().expect("activity lock") = Instant::now();
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.touch();
     }
 
     /// Resolves once the connection has had no request for `idle`.
     async fn idle_for(&self, idle: Duration) {
         loop {
-            let last = *self.last.lock().expect("activity lock");
-            let busy = self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0;
+            let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+            let busy = self.in_flight.load(Ordering::Acquire) > 0;
             if !busy && last.elapsed() >= idle {
                 return;
             }

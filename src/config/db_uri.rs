@@ -1,5 +1,8 @@
 //! The PostgreSQL connection string for NOTIFY: parsed once, with its password kept out of every
 //! log line and error message.
+//!
+//! tokio-postgres parses the string; the redaction stays hand-written because no crate of this field
+//! redacts both URI and libpq key/value forms (`password = 'a b'` included).
 
 use std::collections::BTreeMap;
 use std::fmt;
