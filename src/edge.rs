@@ -18,7 +18,7 @@ use tower_http::body::UnsyncBoxBody;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
+use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -27,15 +27,10 @@ use crate::error::{GuardError, GuardErrorKind};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Headers that carry credentials: Supabase's `apikey`, JWTs, cookies.
-fn sensitive_headers() -> [HeaderName; 5] {
-    [
-        header::AUTHORIZATION,
-        header::PROXY_AUTHORIZATION,
-        header::COOKIE,
-        header::SET_COOKIE,
-        HeaderName::from_static("apikey"),
-    ]
+/// Request headers that carry credentials: JWTs, Supabase's `apikey`, cookies. (Proxy credentials
+/// are hop-by-hop and never forwarded.)
+fn sensitive_request_headers() -> [HeaderName; 3] {
+    [header::AUTHORIZATION, HeaderName::from_static("apikey"), header::COOKIE]
 }
 
 /// Wraps `routed` (the gateway) in the edge layers; answers keep the guard's body type.
@@ -70,7 +65,8 @@ where
         .layer(SetRequestIdLayer::new(REQUEST_ID, NextRequestId))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(CatchPanicLayer::custom(answer_panic))
-        .layer(SetSensitiveHeadersLayer::new(sensitive_headers()))
+        .layer(SetSensitiveRequestHeadersLayer::new(sensitive_request_headers()))
+        .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(trace);
     stack.service(routed)
 }
@@ -107,15 +103,22 @@ impl MakeRequestId for NextRequestId {
             hasher.finish()
         });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let id = format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            prefix >> 32,
-            (prefix >> 16) & 0xffff,
-            prefix & 0xfff,
-            (n >> 48) & 0xfff,
-            n & 0xffff_ffff_ffff
-        );
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        // xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx: the prefix fills the first 60 bits, the counter the rest.
+        let mut id = [b'-'; 36];
+        let mut put = |range: std::ops::Range<usize>, mut value: u64| {
+            for at in range.rev() {
+                id[at] = b"0123456789abcdef"[(value & 0xf) as usize];
+                value >>= 4;
+            }
+        };
+        put(0..8, prefix >> 32);
+        put(9..13, (prefix >> 16) & 0xffff);
+        put(15..18, prefix & 0xfff);
+        put(20..23, (n >> 48) & 0xfff);
+        put(24..36, n & 0xffff_ffff_ffff);
+        id[14] = b'4';
+        id[19] = b'8';
+        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
     }
 }
 

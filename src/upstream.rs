@@ -29,7 +29,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// the request was written is retried on a fresh one by the client itself.)
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The forwarder. Cloned once per request, so it is one shared allocation: a clone costs an atomic
+/// increment, not a copy of the client and the URL.
 pub struct Forwarder<B> {
+    parts: Arc<ForwarderParts<B>>,
+}
+
+impl<B> std::ops::Deref for Forwarder<B> {
+    type Target = ForwarderParts<B>;
+
+    fn deref(&self) -> &ForwarderParts<B> {
+        &self.parts
+    }
+}
+
+pub struct ForwarderParts<B> {
     client: Client<UpstreamConnector, B>,
     upstream: UpstreamUrl,
     response_timeout: Duration,
@@ -43,15 +57,7 @@ pub struct Forwarder<B> {
 
 impl<B> Clone for Forwarder<B> {
     fn clone(&self) -> Self {
-        Forwarder {
-            client: self.client.clone(),
-            upstream: self.upstream.clone(),
-            response_timeout: self.response_timeout,
-            idle_timeout: self.idle_timeout,
-            upgrades: self.upgrades,
-            metrics: self.metrics.clone(),
-            host_header: self.host_header.clone(),
-        }
+        Forwarder { parts: self.parts.clone() }
     }
 }
 
@@ -68,7 +74,7 @@ where
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .retry_canceled_requests(true)
             .build(connector);
-        Forwarder {
+        let parts = ForwarderParts {
             client,
             upstream: upstream.clone(),
             response_timeout: config.upstream_timeout,
@@ -77,18 +83,24 @@ where
             metrics: None,
             host_header: HeaderValue::from_str(upstream.authority.as_str())
                 .expect("an authority is a valid header value"),
-        }
+        };
+        Forwarder { parts: Arc::new(parts) }
+    }
+
+    /// The parts, while the forwarder is being configured (before any clone exists).
+    fn configuring(&mut self) -> &mut ForwarderParts<B> {
+        Arc::get_mut(&mut self.parts).expect("a forwarder is configured before it is cloned")
     }
 
     /// Records the upstream's time to answer in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Forwarder<B> {
-        self.metrics = Some(metrics);
+        self.configuring().metrics = Some(metrics);
         self
     }
 
     /// Lets `Upgrade` requests (WebSockets) through: both connections are joined after the 101.
     pub fn with_upgrades(mut self) -> Forwarder<B> {
-        self.upgrades = true;
+        self.configuring().upgrades = true;
         self
     }
 

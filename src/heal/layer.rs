@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower::Layer;
 
-use super::service::{HealPolicy, HealService, MAX_CONCURRENT_REPLAYS};
+use super::service::{HealParts, HealPolicy, HealService, MAX_CONCURRENT_REPLAYS};
 use crate::metrics::Metrics;
 use crate::reload::{CatalogCheck, ReloadCoordinator};
 
@@ -32,13 +32,13 @@ impl<S> Layer<S> for HealLayer {
     type Service = HealService<S>;
 
     fn layer(&self, inner: S) -> HealService<S> {
-        HealService {
+        HealService::new(HealParts {
             inner,
             coordinator: self.coordinator.clone(),
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             catalog: self.catalog.clone(),
             replay_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPLAYS)),
-        }
+        })
     }
 }

@@ -35,7 +35,27 @@ pub struct HealPolicy {
     pub default_schema: String,
 }
 
+/// The heal service. Cloned once per request, so it is one shared allocation: a clone costs an
+/// atomic increment, not a copy of each part.
 pub struct HealService<S> {
+    parts: Arc<HealParts<S>>,
+}
+
+impl<S> HealService<S> {
+    pub(super) fn new(parts: HealParts<S>) -> HealService<S> {
+        HealService { parts: Arc::new(parts) }
+    }
+}
+
+impl<S> std::ops::Deref for HealService<S> {
+    type Target = HealParts<S>;
+
+    fn deref(&self) -> &HealParts<S> {
+        &self.parts
+    }
+}
+
+pub struct HealParts<S> {
     pub(super) inner: S,
     pub(super) coordinator: Arc<ReloadCoordinator>,
     pub(super) policy: HealPolicy,
@@ -53,16 +73,9 @@ pub const MAX_EMPTY_CACHE_REPLAYS: u32 = 8;
 /// Replays sent to PostgREST at the same time, per worker.
 pub const MAX_CONCURRENT_REPLAYS: usize = 64;
 
-impl<S: Clone> Clone for HealService<S> {
+impl<S> Clone for HealService<S> {
     fn clone(&self) -> Self {
-        HealService {
-            inner: self.inner.clone(),
-            coordinator: self.coordinator.clone(),
-            policy: self.policy.clone(),
-            metrics: self.metrics.clone(),
-            catalog: self.catalog.clone(),
-            replay_slots: self.replay_slots.clone(),
-        }
+        HealService { parts: self.parts.clone() }
     }
 }
 
