@@ -44,6 +44,16 @@ pub struct ClientAddr {
     pub ip: IpAddr,
     /// The peer is one of `PGRST_GUARD_TRUSTED_PROXIES`: its forwarding headers are kept.
     pub trusted: bool,
+    /// `ip` as written in `X-Forwarded-For`, made once per connection rather than per request.
+    forwarded_for: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr, trusted: bool) -> ClientAddr {
+        let forwarded_for =
+            HeaderValue::from_str(&ip.to_canonical().to_string()).expect("an IP is a valid header value");
+        ClientAddr { ip, trusted, forwarded_for }
+    }
 }
 
 /// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`, or a bare address).
@@ -120,13 +130,16 @@ pub fn set_forwarding_headers(
         }
     }
     if let Some(client) = client {
-        let ip = client.ip.to_canonical().to_string();
-        let value = match previous_for.as_ref().and_then(|v| v.to_str().ok()) {
-            Some(previous) => format!("{previous}, {ip}"),
-            None => ip,
-        };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(X_FORWARDED_FOR, value);
+        match previous_for.as_ref().and_then(|v| v.to_str().ok()) {
+            Some(previous) => {
+                let ip = client.forwarded_for.to_str().unwrap_or_default();
+                if let Ok(value) = HeaderValue::from_str(&format!("{previous}, {ip}")) {
+                    headers.insert(X_FORWARDED_FOR, value);
+                }
+            }
+            None => {
+                headers.insert(X_FORWARDED_FOR, client.forwarded_for.clone());
+            }
         }
     }
     if !headers.contains_key(X_FORWARDED_PROTO) {
@@ -165,7 +178,7 @@ mod tests {
         headers.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
         headers.insert("apikey", HeaderValue::from_static("k"));
         strip_hop_by_hop(&mut headers);
-        let client = ClientAddr { ip: "192.0.2.7".parse().unwrap(), trusted: false };
+        let client = ClientAddr::new("192.0.2.7".parse().unwrap(), false);
         set_forwarding_headers(&mut headers, Some(&client), Some(HeaderValue::from_static("guard:8080")));
         assert_eq!(headers.get(X_FORWARDED_FOR).unwrap(), "192.0.2.7");
         assert!(headers.get(header::FORWARDED).is_none());

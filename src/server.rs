@@ -232,7 +232,7 @@ where
     S::Future: Send + 'static,
 {
     // Made once per connection: every request on it comes from the same address.
-    let client = ClientAddr { ip: peer.ip(), trusted: is_trusted(&limits.trusted_proxies, peer.ip()) };
+    let client = ClientAddr::new(peer.ip(), is_trusted(&limits.trusted_proxies, peer.ip()));
     service_fn(move |mut request: Request<Incoming>| {
         let client = client.clone();
         let service = service.clone();
@@ -284,10 +284,11 @@ fn normalize_path<B>(request: &mut Request<B>) -> Result<(), GuardError> {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         decoded == ".."
     };
-    let segments: Vec<&str> = path.split('/').collect();
-    if !segments.iter().any(|s| is_dot(s) || is_dot_dot(s)) {
+    // Most paths hold neither a dot segment nor an escape: nothing to look at segment by segment.
+    if !path.contains(['.', '%']) || !path.split('/').any(|s| is_dot(s) || is_dot_dot(s)) {
         return Ok(());
     }
+    let segments: Vec<&str> = path.split('/').collect();
     let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     for segment in segments.iter().skip(1) {
         if is_dot(segment) {
