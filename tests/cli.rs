@@ -131,6 +131,8 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "http://127.0.0.1:9/rest/v1"])
             .env("PGRST_GUARD_DB_URI", db_uri)
             .env("PGRST_GUARD_LOG_FORMAT", "json")
+            // Request spans print headers at this level; credentials must show as `Sensitive`.
+            .env("PGRST_GUARD_LOG_LEVEL", "info,tower_http=debug")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -143,6 +145,14 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
                 break;
             }
         }
+        let request = format!(
+            "GET /todos HTTP/1.1\r\nHost: x\r\napikey: s3cret-key\r\nAuthorization: Bearer s3cret-jwt\r\nCookie: sb=s3cret-cookie\r\nConnection: close\r\n\r\n"
+        );
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut client, request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut client, &mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
         // Let the database connection attempt fail and be logged too.
         std::thread::sleep(std::time::Duration::from_millis(300));
         let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -154,6 +164,7 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
         assert!(log.contains("pgrst-guard listening"), "{log}");
         assert!(log.contains(shown), "{log}");
         assert!(!log.contains("s3cret-pw"), "password leaked: {log}");
+        assert!(log.contains("Sensitive") && !log.contains("s3cret-"), "a credential leaked: {log}");
         for line in &seen {
             serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
         }
