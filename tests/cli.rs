@@ -145,9 +145,7 @@ fn runs_without_logging_secrets_and_stops_cleanly_on_sigterm() {
                 break;
             }
         }
-        let request = format!(
-            "GET /todos HTTP/1.1\r\nHost: x\r\napikey: s3cret-key\r\nAuthorization: Bearer s3cret-jwt\r\nCookie: sb=s3cret-cookie\r\nConnection: close\r\n\r\n"
-        );
+        let request = "GET /todos HTTP/1.1\r\nHost: x\r\napikey: s3cret-key\r\nAuthorization: Bearer s3cret-jwt\r\nCookie: sb=s3cret-cookie\r\nConnection: close\r\n\r\n";
         let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         std::io::Write::write_all(&mut client, request.as_bytes()).unwrap();
         let mut answer = String::new();
