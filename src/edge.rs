@@ -3,9 +3,11 @@
 //! `X-Request-Id` (the client's own, else a new one) to PostgREST and back; credentials are marked
 //! sensitive so that no trace prints them; and a trace span per request at debug level.
 //!
-//! What stays hand-written, and why: the body limit and the timeouts answer in PostgREST's JSON
-//! shape with CORS headers and a `Proxy-Status` (tower-http's answer with a bare 413/408), and the
-//! upstream timeout is a 504, not a 408 (see [`crate::body`] and [`crate::upstream`]).
+//! Not layers here, and why: the body limit is http-body-util's `Limited` (what tower-http's body
+//! limit wraps bodies in) without tower-http's layer, whose answer is a bare 413 where ours is
+//! PostgREST-shaped with CORS headers ([`crate::body`]); the upstream timeout is one
+//! `tokio::time::timeout` in the forwarder, answering 504 where tower-http's timeout layer answers
+//! 408 ([`crate::upstream`]).
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -249,7 +249,7 @@ where
                     let (mut parts, body) = request.into_parts();
                     parts.extensions.insert(client);
                     parts.extensions.insert(slot);
-                    let request = Request::from_parts(parts, RequestBody::new(body, limits.max_body_bytes));
+                    let request = Request::from_parts(parts, crate::body::request_body(body, limits.max_body_bytes));
                     service.oneshot(request).await?
                 }
             };

@@ -166,9 +166,11 @@ where
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, GuardBody::Upstream(body))
             }
-            Ok(Err(e)) if caused_by_body_limit(&e) => {
-                GuardError::new(GuardErrorKind::BodyTooLarge, error_chain(&e)).into_response_for(origin.as_ref())
-            }
+            Ok(Err(e)) if crate::body::is_over_limit(&e) => GuardError::new(
+                GuardErrorKind::BodyTooLarge,
+                "The request body grew past PGRST_GUARD_MAX_BODY_BYTES while it streamed.",
+            )
+            .into_response_for(origin.as_ref()),
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
@@ -263,10 +265,6 @@ async fn tunnel(
     }
     let _ = tokio::join!(client_write.shutdown(), upstream_write.shutdown());
     drop(slot);
-}
-
-fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    crate::error::causes(e).any(|cause| cause.is::<crate::body::BodyTooLarge>())
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
