@@ -1,5 +1,10 @@
-# Shared by the bench scripts: helpers, a throwaway PostgreSQL, the real PostgREST 14 and a static
-# nginx origin. Source it after setting WORK (a temp dir) and POSTGREST_DIR.
+# Shared by the bench scripts: the settings, a work directory removed at exit, helpers, a throwaway
+# PostgreSQL and the real PostgREST 14. Sourced from the project's root.
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
+WORK=$(mktemp -d "/tmp/pgrst-guard-$(basename "$0" .sh).XXXXXX")
+chmod 755 "$WORK"
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -23,6 +28,9 @@ median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int(
 spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s–%s", lo, hi }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
+
+need wrk wrk
+need nginx nginx
 
 # PostgreSQL with the bench table and PostgREST's roles; sets DB_URI and PG_PORT.
 start_postgres() {
@@ -58,5 +66,22 @@ CONF
   LANG=C.UTF-8 "$PGRST_BIN" "$WORK/postgrest.conf" >"$WORK/postgrest.log" 2>&1 &
   PIDS+=($!); wait_port "$PGRST_PORT"
 }
+
+# start_nginx NAME WORKERS HTTP-BLOCK [CPUS]: an nginx of its own (config, pid and log named NAME),
+# pinned to CPUS when given; returns once it runs.
+start_nginx() {
+  cat >"$WORK/$1.conf" <<CONF
+worker_processes $2;
+pid $WORK/$1.pid;
+error_log $WORK/$1-error.log warn;
+events { worker_connections 8192; }
+http { access_log off; $3 }
+CONF
+  if [ -n "${4:-}" ]; then taskset -c "$4" nginx -c "$WORK/$1.conf" -p "$WORK"; else nginx -c "$WORK/$1.conf" -p "$WORK"; fi
+}
+# The static origin's server block: a small PostgREST-like JSON answer.
+origin_server() { echo "server { listen 127.0.0.1:$1; client_max_body_size 0; location / { default_type \"application/json; charset=utf-8\"; return 200 '$BENCH_BODY'; } }"; }
+# A proxy's server block on port $1 to the upstream named $2 (keep-alive to it).
+proxy_server() { echo "server { listen 127.0.0.1:$1; client_max_body_size 0; location / { proxy_pass http://$2; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"; }
 
 BENCH_BODY='[{"id":1,"name":"item 1","created_at":"2026-01-01T00:00:00+00:00"},{"id":2,"name":"item 2","created_at":"2026-01-01T00:00:00+00:00"}]'

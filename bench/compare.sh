@@ -7,15 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-HEAD~1}
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
-POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
 OUT=bench/compare-latest.md
-WORK=$(mktemp -d /tmp/pgrst-guard-compare.XXXXXX)
-chmod 755 "$WORK"
 source bench/common.sh
-need wrk wrk
-need nginx nginx
 
 BASE_COMMIT=$(git rev-parse --short "$BASE")
 echo "building the guard at $BASE_COMMIT and the working tree (release)"
@@ -34,17 +27,7 @@ cp target/release/pgrst-guard "$WORK/guard-after"
 start_postgres
 start_postgrest
 ORIGIN_PORT=$(free_port)
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes auto;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$ORIGIN_PORT; location / { default_type "application/json; charset=utf-8"; return 200 '$BENCH_BODY'; } }
-}
-CONF
-nginx -c "$WORK/nginx.conf" -p "$WORK"; wait_port "$ORIGIN_PORT"
+start_nginx origin auto "$(origin_server "$ORIGIN_PORT")"; wait_port "$ORIGIN_PORT"
 
 declare -A PORT
 for build in before after; do for up in static postgrest; do

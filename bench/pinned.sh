@@ -4,33 +4,16 @@
 #   bash bench/pinned.sh           (DURATION=10 seconds per run, ROUNDS=3, CONNECTIONS="1 32")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
-WORK=$(mktemp -d /tmp/pgrst-guard-pinned.XXXXXX)
-chmod 755 "$WORK"
-POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
 source bench/common.sh
-need wrk wrk
-need nginx nginx
 [ "$(nproc)" -ge 2 ] || { echo "needs at least 2 cores" >&2; exit 1; }
 LAST=$(( $(nproc) - 1 ))
 cargo build --release --quiet --bin pgrst-guard
 start_postgres
 
 ORIGIN_PORT=$(free_port); NGINX_PORT=$(free_port); GUARD_PORT=$(free_port)
-for role in origin proxy; do
-  if [ $role = origin ]; then server="listen 127.0.0.1:$ORIGIN_PORT; location / { default_type \"application/json; charset=utf-8\"; return 200 '$BENCH_BODY'; }"; upstream=""
-  else server="listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"; upstream="upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }"; fi
-  cat >"$WORK/$role.conf" <<CONF
-worker_processes $([ $role = origin ] && echo auto || echo 1);
-pid $WORK/$role.pid;
-error_log $WORK/$role-error.log warn;
-events { worker_connections 8192; }
-http { access_log off; $upstream server { $server } }
-CONF
-done
-taskset -c "1-$LAST" nginx -c "$WORK/origin.conf" -p "$WORK"; wait_port "$ORIGIN_PORT"
-taskset -c 0 nginx -c "$WORK/proxy.conf" -p "$WORK"; wait_port "$NGINX_PORT"
+start_nginx origin auto "$(origin_server "$ORIGIN_PORT")" "1-$LAST"; wait_port "$ORIGIN_PORT"
+start_nginx proxy 1 "upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; } $(proxy_server "$NGINX_PORT" origin)" 0
+wait_port "$NGINX_PORT"
 PGRST_GUARD_LOG_LEVEL=warn taskset -c 0 target/release/pgrst-guard --workers 1 --listen "127.0.0.1:$GUARD_PORT" --upstream "http://127.0.0.1:$ORIGIN_PORT" --db-uri "$DB_URI" >"$WORK/guard.log" 2>&1 &
 PIDS+=($!); wait_port "$GUARD_PORT"
 sleep 1

@@ -7,15 +7,8 @@
 # Installs wrk and nginx from Debian when missing. Writes bench/results-latest.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
-POSTGREST_DIR=${PGRST_GUARD_TEST_POSTGREST:-$(cd .. && pwd)/shared/postgrest}
 OUT=bench/results-latest.md
-WORK=$(mktemp -d /tmp/pgrst-guard-bench.XXXXXX)
-chmod 755 "$WORK"
 source bench/common.sh
-need wrk wrk
-need nginx nginx
 need curl curl
 
 echo "building (release)"
@@ -31,23 +24,14 @@ PIDS+=($!); wait_port "$DOUBLE_PORT"
 
 # nginx: the static origin, and the two proxies
 ORIGIN_PORT=$(free_port); NGINX_STATIC=$(free_port); NGINX_DOUBLE=$(free_port); NGINX_PGRST=$(free_port)
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes auto;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
+start_nginx nginx auto "
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; }
   upstream double { server 127.0.0.1:$DOUBLE_PORT; keepalive 128; }
   upstream postgrest { server 127.0.0.1:$PGRST_PORT; keepalive 128; }
-  server { listen 127.0.0.1:$ORIGIN_PORT; client_max_body_size 0; location / { default_type "application/json; charset=utf-8"; return 200 '$BENCH_BODY'; } }
-  server { listen 127.0.0.1:$NGINX_STATIC; client_max_body_size 0; location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-  server { listen 127.0.0.1:$NGINX_DOUBLE; location / { proxy_pass http://double; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-  server { listen 127.0.0.1:$NGINX_PGRST; location / { proxy_pass http://postgrest; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-CONF
-nginx -c "$WORK/nginx.conf" -p "$WORK"
+  $(origin_server "$ORIGIN_PORT")
+  $(proxy_server "$NGINX_STATIC" origin)
+  $(proxy_server "$NGINX_DOUBLE" double)
+  $(proxy_server "$NGINX_PGRST" postgrest)"
 wait_port "$ORIGIN_PORT"; wait_port "$NGINX_STATIC"; wait_port "$NGINX_DOUBLE"; wait_port "$NGINX_PGRST"
 
 # pgrst-guard, one in front of each upstream
