@@ -95,10 +95,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn error(key: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::new(key, problem)
-}
-
 /// Raw values by canonical key, as a program gives them.
 pub type RawConfig = BTreeMap<String, String>;
 
@@ -124,26 +120,26 @@ impl Config {
                 .filter(|v| !v.is_empty())
                 .or_else(|| KEYS.iter().find(|k| k.env == env).and_then(|k| k.default).map(str::to_string))
         };
-        let required = |env: &str| get(env).ok_or_else(|| error(env, "is required"));
+        let required = |env: &str| get(env).ok_or_else(|| ConfigError::new(env, "is required"));
         let socket = |env: &str, value: String| {
             value
                 .parse::<SocketAddr>()
-                .map_err(|_| error(env, format!("expected host:port with an IP address, got {value:?}")))
+                .map_err(|_| ConfigError::new(env, format!("expected host:port with an IP address, got {value:?}")))
         };
         let number = |env: &str| -> Result<u64, ConfigError> {
             let value = required(env)?;
-            value.parse::<u64>().map_err(|_| error(env, format!("expected a whole number, got {value:?}")))
+            value.parse::<u64>().map_err(|_| ConfigError::new(env, format!("expected a whole number, got {value:?}")))
         };
         let millis = |env: &str| -> Result<Duration, ConfigError> {
             match number(env)? {
-                0 => Err(error(env, "must be greater than 0")),
+                0 => Err(ConfigError::new(env, "must be greater than 0")),
                 n => Ok(Duration::from_millis(n)),
             }
         };
 
         let listen = socket("PGRST_GUARD_LISTEN", required("PGRST_GUARD_LISTEN")?)?;
         let supabase = get("PGRST_GUARD_SUPABASE_URL")
-            .map(|v| UpstreamUrl::parse(&v).map_err(|p| error("PGRST_GUARD_SUPABASE_URL", p)))
+            .map(|v| UpstreamUrl::parse(&v).map_err(|p| ConfigError::new("PGRST_GUARD_SUPABASE_URL", p)))
             .transpose()?;
         // The Supabase shorthand fills what is not set explicitly.
         let explicit = |env: &str| raw.get(env).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
@@ -159,7 +155,7 @@ impl Config {
         };
         let rest_prefix = match rest_prefix {
             Some(prefix) if !prefix.starts_with('/') || prefix.contains(['?', '#']) => {
-                return Err(error(
+                return Err(ConfigError::new(
                     "PGRST_GUARD_REST_PREFIX",
                     format!("expected a path such as /rest/v1, got {prefix:?}"),
                 ))
@@ -169,30 +165,31 @@ impl Config {
         };
         let passthrough_upstream = match (&supabase, explicit("PGRST_GUARD_PASSTHROUGH_UPSTREAM")) {
             (_, Some(text)) => {
-                Some(UpstreamUrl::parse(&text).map_err(|p| error("PGRST_GUARD_PASSTHROUGH_UPSTREAM", p))?)
+                Some(UpstreamUrl::parse(&text).map_err(|p| ConfigError::new("PGRST_GUARD_PASSTHROUGH_UPSTREAM", p))?)
             }
             (Some(project), None) => Some(project.clone()),
             (None, None) => None,
         };
         if passthrough_upstream.is_some() && rest_prefix.is_none() {
-            return Err(error(
+            return Err(ConfigError::new(
                 "PGRST_GUARD_PASSTHROUGH_UPSTREAM",
                 "needs PGRST_GUARD_REST_PREFIX, which says which paths are REST requests",
             ));
         }
-        let upstream = UpstreamUrl::parse(&upstream_text).map_err(|p| error("PGRST_GUARD_UPSTREAM", p))?;
-        let db_uri = DbUri::parse(&required("PGRST_GUARD_DB_URI")?).map_err(|p| error("PGRST_GUARD_DB_URI", p))?;
+        let upstream = UpstreamUrl::parse(&upstream_text).map_err(|p| ConfigError::new("PGRST_GUARD_UPSTREAM", p))?;
+        let db_uri =
+            DbUri::parse(&required("PGRST_GUARD_DB_URI")?).map_err(|p| ConfigError::new("PGRST_GUARD_DB_URI", p))?;
         let db_channel = required("PGRST_GUARD_DB_CHANNEL")?;
         let upstream_ca_file = get("PGRST_GUARD_UPSTREAM_CA_FILE").map(PathBuf::from);
         if let Some(path) = &upstream_ca_file {
-            crate::tls::root_store(Some(path)).map_err(|p| error("PGRST_GUARD_UPSTREAM_CA_FILE", p))?;
+            crate::tls::root_store(Some(path)).map_err(|p| ConfigError::new("PGRST_GUARD_UPSTREAM_CA_FILE", p))?;
         }
         let upstream_admin = get("PGRST_GUARD_UPSTREAM_ADMIN")
             .map(|v| {
                 v.split(',')
                     .map(str::trim)
                     .filter(|url| !url.is_empty())
-                    .map(|url| UpstreamUrl::parse(url).map_err(|p| error("PGRST_GUARD_UPSTREAM_ADMIN", p)))
+                    .map(|url| UpstreamUrl::parse(url).map_err(|p| ConfigError::new("PGRST_GUARD_UPSTREAM_ADMIN", p)))
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?
@@ -202,7 +199,7 @@ impl Config {
                 v.split(',')
                     .map(str::trim)
                     .filter(|net| !net.is_empty())
-                    .map(|net| net.parse().map_err(|p: String| error("PGRST_GUARD_TRUSTED_PROXIES", p)))
+                    .map(|net| net.parse().map_err(|p: String| ConfigError::new("PGRST_GUARD_TRUSTED_PROXIES", p)))
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?
@@ -210,12 +207,14 @@ impl Config {
         let admin_listen =
             get("PGRST_GUARD_ADMIN_LISTEN").map(|v| socket("PGRST_GUARD_ADMIN_LISTEN", v)).transpose()?;
         if admin_listen == Some(listen) && listen.port() != 0 {
-            return Err(error("PGRST_GUARD_ADMIN_LISTEN", "must differ from PGRST_GUARD_LISTEN"));
+            return Err(ConfigError::new("PGRST_GUARD_ADMIN_LISTEN", "must differ from PGRST_GUARD_LISTEN"));
         }
         let log_format = match required("PGRST_GUARD_LOG_FORMAT")?.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(error("PGRST_GUARD_LOG_FORMAT", format!("expected text or json, got {other:?}"))),
+            other => {
+                return Err(ConfigError::new("PGRST_GUARD_LOG_FORMAT", format!("expected text or json, got {other:?}")))
+            }
         };
         let db_schemas: Vec<String> = required("PGRST_GUARD_DB_SCHEMAS")?
             .split(',')
@@ -223,16 +222,21 @@ impl Config {
             .filter(|s| !s.is_empty())
             .collect();
         if db_schemas.is_empty() {
-            return Err(error("PGRST_GUARD_DB_SCHEMAS", "needs at least one schema"));
+            return Err(ConfigError::new("PGRST_GUARD_DB_SCHEMAS", "needs at least one schema"));
         }
         let catalog_check = match required("PGRST_GUARD_CATALOG_CHECK")?.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
-            other => return Err(error("PGRST_GUARD_CATALOG_CHECK", format!("expected true or false, got {other:?}"))),
+            other => {
+                return Err(ConfigError::new(
+                    "PGRST_GUARD_CATALOG_CHECK",
+                    format!("expected true or false, got {other:?}"),
+                ))
+            }
         };
         let log_level = required("PGRST_GUARD_LOG_LEVEL")?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(error("PGRST_GUARD_LOG_LEVEL", format!("not a valid log filter: {log_level:?}")));
+            return Err(ConfigError::new("PGRST_GUARD_LOG_LEVEL", format!("not a valid log filter: {log_level:?}")));
         }
         Ok(Config {
             listen,
@@ -258,18 +262,18 @@ impl Config {
             header_read_timeout: millis("PGRST_GUARD_HEADER_READ_TIMEOUT_MS")?,
             idle_timeout: millis("PGRST_GUARD_IDLE_TIMEOUT_MS")?,
             max_connections: match number("PGRST_GUARD_MAX_CONNECTIONS")? {
-                0 => return Err(error("PGRST_GUARD_MAX_CONNECTIONS", "must be greater than 0")),
+                0 => return Err(ConfigError::new("PGRST_GUARD_MAX_CONNECTIONS", "must be greater than 0")),
                 n => n as usize,
             },
             max_header_bytes: match number("PGRST_GUARD_MAX_HEADER_BYTES")? {
-                n if n < 1024 => return Err(error("PGRST_GUARD_MAX_HEADER_BYTES", "must be at least 1024")),
+                n if n < 1024 => return Err(ConfigError::new("PGRST_GUARD_MAX_HEADER_BYTES", "must be at least 1024")),
                 n => n as usize,
             },
             max_body_bytes: Some(number("PGRST_GUARD_MAX_BODY_BYTES")?).filter(|n| *n > 0),
             shutdown_timeout: millis("PGRST_GUARD_SHUTDOWN_TIMEOUT_MS")?,
             workers: match number("PGRST_GUARD_WORKERS")? {
                 0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
-                n if n > 1024 => return Err(error("PGRST_GUARD_WORKERS", "at most 1024")),
+                n if n > 1024 => return Err(ConfigError::new("PGRST_GUARD_WORKERS", "at most 1024")),
                 n => n as usize,
             },
             log_format,

@@ -50,14 +50,11 @@ pub fn from_toml(path: &Path) -> Result<Settings, ConfigError> {
     })?;
     let mut settings = Settings::new();
     for (name, value) in table {
-        let source = Source::File { path: path.to_path_buf(), line: line_of(value.span().start) };
+        let line = line_of(value.span().start);
         let Some(key) = KEYS.iter().find(|k| k.toml == name) else {
-            return Err(file_error(format!(
-                "{} line {}: unknown key {name:?}",
-                path.display(),
-                line_of(value.span().start)
-            )));
+            return Err(file_error(format!("{} line {line}: unknown key {name:?}", path.display())));
         };
+        let source = Source::File { path: path.to_path_buf(), line };
         let value = match value.into_inner() {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
