@@ -11,12 +11,13 @@ use tokio::net::TcpStream;
 use crate::body::{full, GuardBody, RequestBody};
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
-use crate::reload::Notifier;
+use crate::reload::database::Listening;
+use crate::reload::Database;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub notifier: Arc<Notifier>,
+    pub database: Arc<Database>,
     pub upstream: UpstreamUrl,
 }
 
@@ -25,15 +26,13 @@ pub async fn handle(state: AdminState, request: Request<RequestBody>) -> Result<
         "/healthz" => (StatusCode::OK, "application/json", r#"{"status":"alive"}"#.to_string()),
         "/readyz" => {
             let reachable = upstream_reachable(&state.upstream).await;
-            let database = if state.notifier.is_connected() { "connected" } else { "disconnected" };
             let status = if reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            let upstream = if reachable { "reachable" } else { "unreachable" };
-            (status, "application/json", format!(r#"{{"upstream":"{upstream}","database":"{database}"}}"#))
+            (status, "application/json", readiness(reachable, &state.database).to_string())
         }
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(state.notifier.is_connected(), state.notifier.notifications_seen()),
+            state.metrics.render(&state.database.health(), state.database.notifications_seen()),
         ),
         _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#.to_string()),
     };
@@ -41,6 +40,31 @@ pub async fn handle(state: AdminState, request: Request<RequestBody>) -> Result<
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, content_type.parse().expect("static content type"));
     Ok(response)
+}
+
+/// What `/readyz` says: PostgREST's port (which readiness depends on), and what was last verified of
+/// the database path (which forwarding does not need, but healing does).
+fn readiness(upstream_reachable: bool, database: &Database) -> serde_json::Value {
+    let health = database.health();
+    let verified_ms_ago = health
+        .last_verified
+        .and_then(|at| at.elapsed().ok())
+        .map(|ago| u64::try_from(ago.as_millis()).unwrap_or(u64::MAX));
+    let (listening, joining) = match &health.listening {
+        Listening::Hearing => ("hearing", "on"),
+        Listening::Off(_) => ("off", "off"),
+        Listening::Unverified => ("unverified", "unverified"),
+    };
+    serde_json::json!({
+        "upstream": if upstream_reachable { "reachable" } else { "unreachable" },
+        "database": if health.connected { "connected" } else { "disconnected" },
+        "database_verified_ms_ago": verified_ms_ago,
+        "database_error": health.last_error,
+        "listen": listening,
+        "joining_others_reloads": joining,
+        "listen_problem": match &health.listening { Listening::Off(why) => Some(*why), _ => None },
+        "reconnects": health.reconnects.iter().map(|(cause, n)| (cause.as_str(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+    })
 }
 
 async fn upstream_reachable(upstream: &UpstreamUrl) -> bool {

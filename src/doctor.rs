@@ -92,32 +92,35 @@ pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Findi
         }
     };
 
-    let client = match connect_database(config).await {
-        Ok(client) => client,
+    let (client, mut notifications) = match connect_database(config).await {
+        Ok(connected) => connected,
         Err(e) => {
             note(finding(Status::Fail, "database", format!("{}: {e}", config.db_uri.redacted())));
             return findings;
         }
     };
+    // Unnamed statements in one round trip each, as the guard itself queries: they work through
+    // transaction-mode poolers too.
     let version: String = client
-        .query_one("SHOW server_version", &[])
+        .query_typed_one("SELECT current_setting('server_version')", &[])
         .await
         .map(|row| row.get(0))
         .unwrap_or_else(|_| "unknown".to_string());
     let listeners: i64 = client
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN ' || quote_ident($1) OR query = 'LISTEN \"' || $1 || '\"'",
-            &[&config.db_channel],
+            &[(&config.db_channel, tokio_postgres::types::Type::TEXT)],
         )
         .await
         .map(|row| row.get(0))
         .unwrap_or(0);
     // What the server says about this very connection, not what sslmode asked for.
     let encryption =
-        match client.query_opt("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl", &[]).await {
+        match client.query_typed_opt("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl", &[]).await
+        {
             Ok(Some(row)) => format!("encrypted ({})", row.get::<_, Option<String>>(0).unwrap_or_default()),
             Ok(None) => "NOT encrypted".to_string(),
-            Err(e) => format!("encryption unknown: {}", crate::reload::notifier::describe(&e)),
+            Err(e) => format!("encryption unknown: {}", crate::reload::database::describe(&e)),
         };
     note(finding(
         Status::Ok,
@@ -130,8 +133,80 @@ pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Findi
         ),
     ));
 
+    note(check_listen(&client, &mut notifications).await);
     note(check_reload(&client, counter.as_ref(), config).await);
     findings
+}
+
+/// Does LISTEN receive on this connection? A NOTIFY to itself on a private channel must come back.
+/// Through a transaction-mode pooler it does not: heals still work, joining others' reloads does not.
+async fn check_listen(
+    client: &tokio_postgres::Client,
+    notifications: &mut tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) -> Finding {
+    // LISTEN belongs to one backend: statements that land on changing backends mean a
+    // transaction-mode pooler, where a NOTIFY may come back by luck but cannot be relied on.
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        if let Ok(row) = client.query_typed_one("SELECT pg_backend_pid()", &[]).await {
+            backends.insert(row.get::<_, i32>(0));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    if backends.len() > 1 {
+        return finding(
+            Status::Warn,
+            "listen",
+            format!(
+                "twenty statements over half a second ran on {} different database backends: a transaction-mode pooler (PgBouncer \
+                 pool_mode=transaction, Supabase's port 6543) is in between, so joining reloads others ask for is off \
+                 (heals still work with the guard's own NOTIFYs). Use the session pooler (port 5432) or a direct connection.",
+                backends.len()
+            ),
+        );
+    }
+    let channel = format!("pgrst_guard_doctor_{}", std::process::id());
+    let sent = Instant::now();
+    let asked = async {
+        client.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
+        client
+            .query_typed("SELECT pg_notify($1, 'doctor')", &[(&channel.as_str(), tokio_postgres::types::Type::TEXT)])
+            .await
+    };
+    if let Err(e) = asked.await {
+        return finding(
+            Status::Warn,
+            "listen",
+            format!("LISTEN or NOTIFY failed: {}", crate::reload::database::describe(&e)),
+        );
+    }
+    let heard = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(notification) = notifications.recv().await {
+            if notification.channel() == channel {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if heard == Ok(true) {
+        finding(
+            Status::Ok,
+            "listen",
+            format!(
+                "a NOTIFY to itself came back in {} ms: reloads others ask for are joined",
+                sent.elapsed().as_millis()
+            ),
+        )
+    } else {
+        finding(
+            Status::Warn,
+            "listen",
+            "a NOTIFY to itself did not come back within 2 s: joining reloads others ask for is off (heals still work \
+             with the guard's own NOTIFYs). Through a transaction-mode pooler (PgBouncer pool_mode=transaction, \
+             Supabase's port 6543) LISTEN cannot work: use the session pooler (port 5432) or a direct connection.",
+        )
+    }
 }
 
 async fn check_upstream(upstream: &UpstreamUrl, https: rustls::ClientConfig, config: &Config) -> Finding {
@@ -181,15 +256,26 @@ async fn check_upstream(upstream: &UpstreamUrl, https: rustls::ClientConfig, con
     }
 }
 
-async fn connect_database(config: &Config) -> Result<tokio_postgres::Client, String> {
+type Notifications = tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>;
+
+async fn connect_database(config: &Config) -> Result<(tokio_postgres::Client, Notifications), String> {
     let tls = config.db_uri.tls()?;
     let connect = config.db_uri.pg_config().connect(tls);
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(10), connect)
+    let (client, mut connection) = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
         .map_err(|_| "no connection within 10 s".to_string())?
-        .map_err(|e| crate::reload::notifier::describe(&e))?;
-    tokio::spawn(connection);
-    Ok(client)
+        .map_err(|e| crate::reload::database::describe(&e))?;
+    let (forward, notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = forward.send(notification);
+            }
+        }
+    });
+    Ok((client, notifications))
 }
 
 /// Sends one NOTIFY and, with the admin server, waits for the load counter to move.
@@ -198,11 +284,13 @@ async fn check_reload(client: &tokio_postgres::Client, counter: Option<&LoadCoun
         Some(counter) => counter.successful_loads().await.ok(),
         None => None,
     };
-    if let Err(e) = client.execute("SELECT pg_notify($1, 'reload schema')", &[&config.db_channel]).await {
+    let channel =
+        [(&config.db_channel as &(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type::TEXT)];
+    if let Err(e) = client.query_typed("SELECT pg_notify($1, 'reload schema')", &channel).await {
         return finding(
             Status::Fail,
             "reload",
-            format!("NOTIFY on {:?} failed: {}", config.db_channel, crate::reload::notifier::describe(&e)),
+            format!("NOTIFY on {:?} failed: {}", config.db_channel, crate::reload::database::describe(&e)),
         );
     }
     let (Some(counter), Some(before)) = (counter, before) else {

@@ -11,8 +11,12 @@ use crate::body::{full, GuardBody};
 /// What went wrong, and so which status and code the client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardErrorKind {
-    /// The upstream refused or dropped the connection: 502.
+    /// The request never reached the upstream (the connection was refused or could not be made):
+    /// 502, safe to send again.
     UpstreamUnreachable,
+    /// The request was sent, and the connection broke or the heal's deadline passed before an
+    /// answer: 502, it may have run.
+    OutcomeUnknown,
     /// The upstream did not start answering in time: 504.
     UpstreamTimeout,
     /// The request could not be read or forwarded as sent: 400.
@@ -57,9 +61,16 @@ impl GuardError {
             GuardErrorKind::UpstreamUnreachable => (
                 StatusCode::BAD_GATEWAY,
                 "PGRSTG01",
-                "Could not reach PostgREST.",
+                "Could not reach PostgREST. The request was not sent, so it is safe to send again.",
                 Some("Check that PostgREST runs and that PGRST_GUARD_UPSTREAM points at it."),
                 "destination_unavailable",
+            ),
+            GuardErrorKind::OutcomeUnknown => (
+                StatusCode::BAD_GATEWAY,
+                "PGRSTG11",
+                "The request reached PostgREST, but no answer came back: it may or may not have run.",
+                Some("Check whether it took effect before sending it again."),
+                "connection_terminated",
             ),
             GuardErrorKind::UpstreamTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,

@@ -44,7 +44,7 @@ use gateway::Gateway;
 use heal::replay_body::ReplayBody;
 use heal::{HealLayer, HealPolicy};
 use metrics::Metrics;
-use reload::{CatalogCheck, LoadCounter, Notifier, ReloadCoordinator, WaitSettings};
+use reload::{CatalogCheck, Database, DatabaseSettings, LoadCounter, ReloadCoordinator, WaitSettings};
 use server::ServerLimits;
 use upstream::Forwarder;
 
@@ -53,7 +53,7 @@ pub struct RunningGuard {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
-    pub notifier: Arc<Notifier>,
+    pub database: Arc<Database>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Each resolves when its worker thread has drained.
@@ -148,7 +148,15 @@ impl RunningGuard {
     /// Binds the listeners and starts serving. The database connection is made in the background.
     pub async fn start(config: Config) -> std::io::Result<RunningGuard> {
         let metrics = Arc::new(Metrics::default());
-        let notifier = Notifier::spawn(config.db_uri.clone(), config.db_channel.clone());
+        let database = Database::spawn(
+            config.db_uri.clone(),
+            DatabaseSettings {
+                channel: config.db_channel.clone(),
+                op_timeout: config.db_timeout,
+                check_interval: config.db_check_interval,
+                keepalive_idle: config.db_keepalive_idle,
+            },
+        );
         let settings = WaitSettings {
             deadline: config.heal_deadline,
             backoff: config.retry_backoff,
@@ -158,15 +166,15 @@ impl RunningGuard {
         let https = tls::https_config(config.upstream_ca_file.as_deref())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let load_counters = config.upstream_admin.iter().map(|admin| LoadCounter::new(admin, https.clone())).collect();
-        let coordinator = ReloadCoordinator::start(notifier.clone(), load_counters, settings);
+        let coordinator = ReloadCoordinator::start(database.clone(), load_counters, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
             deadline: config.heal_deadline,
-            empty_cache_backoff: config.retry_backoff,
+            backoff: config.retry_backoff,
             default_schema: config.db_schemas[0].clone(),
         };
         let catalog =
-            config.catalog_check.then(|| Arc::new(CatalogCheck::new(notifier.clone(), config.catalog_recheck)));
+            config.catalog_check.then(|| Arc::new(CatalogCheck::new(database.clone(), config.catalog_recheck)));
         let stack =
             ServiceStack { config: config.clone(), https, coordinator, policy, catalog, metrics: metrics.clone() };
         let limits = ServerLimits {
@@ -200,7 +208,7 @@ impl RunningGuard {
             admin_addr = Some(admin_listener.local_addr()?);
             let state = admin::AdminState {
                 metrics: metrics.clone(),
-                notifier: notifier.clone(),
+                database: database.clone(),
                 upstream: config.upstream.clone(),
             };
             let admin_service = tower::service_fn(move |request| admin::handle(state.clone(), request));
@@ -213,11 +221,16 @@ impl RunningGuard {
             )));
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.iter().map(ToString::to_string).collect::<Vec<_>>(), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
-        Ok(RunningGuard { addr, admin_addr, metrics, notifier, shutdown, tasks, workers })
+        Ok(RunningGuard { addr, admin_addr, metrics, database, shutdown, tasks, workers })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `/metrics` text, as the admin listener serves it.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.database.health(), self.database.notifications_seen())
     }
 
     /// Stops accepting and waits for open requests (up to the drain deadline).

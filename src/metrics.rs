@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+use crate::reload::database::{DatabaseHealth, Listening};
+
 /// Upper bounds in seconds, shared by the latency histograms.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -23,6 +25,9 @@ pub struct Metrics {
     catalog_checks: IntCounterVec,
     notifies_seen: IntCounter,
     database_connected: IntGauge,
+    database_verified: prometheus::Gauge,
+    database_listening: IntGauge,
+    database_reconnects: IntCounterVec,
     heal_wait: Histogram,
     request_duration: Histogram,
     upstream_latency: Histogram,
@@ -49,9 +54,26 @@ impl Default for Metrics {
             registry.register(Box::new(histogram.clone())).expect("unique metric");
             histogram
         };
-        let database_connected =
-            IntGauge::new("pgrst_guard_database_connected", "Whether the NOTIFY connection is up.").expect("valid");
-        registry.register(Box::new(database_connected.clone())).expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(gauge.clone())).expect("unique metric");
+            gauge
+        };
+        let database_connected = gauge(
+            "pgrst_guard_database_connected",
+            "1 when a round trip on the guard's database connection succeeded within the last check interval.",
+        );
+        let database_listening = gauge(
+            "pgrst_guard_database_listening",
+            "1 when the guard's LISTEN was proved to receive (reloads others ask for are joined), 0 when it is \
+             known not to (a transaction-mode pooler), -1 before the first proof.",
+        );
+        let database_verified = prometheus::Gauge::new(
+            "pgrst_guard_database_last_verified_timestamp_seconds",
+            "When a round trip on the guard's database connection last succeeded (Unix time; 0: never).",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(database_verified.clone())).expect("unique metric");
         Metrics {
             responses: counter_vec("pgrst_guard_responses_total", "Answers sent to clients, by status.", &["status"]),
             response_counters: Box::new(std::array::from_fn(|_| OnceLock::new())),
@@ -71,6 +93,13 @@ impl Default for Metrics {
                 "Reload NOTIFYs sent by others and seen on the channel.",
             ),
             database_connected,
+            database_verified,
+            database_listening,
+            database_reconnects: counter_vec(
+                "pgrst_guard_database_reconnects_total",
+                "Database connections replaced, by cause (closed, timeout, listen_deaf).",
+                &["cause"],
+            ),
             heal_wait: histogram("pgrst_guard_heal_wait_seconds", "Time from a schema-cache error to the answer sent."),
             request_duration: histogram("pgrst_guard_request_duration_seconds", "Time from request to response head."),
             upstream_latency: histogram(
@@ -111,10 +140,21 @@ impl Metrics {
         self.heal_wait.observe(took.as_secs_f64());
     }
 
-    /// The text exposition, with the database connection's state and the NOTIFYs it has seen.
-    pub fn render(&self, database_connected: bool, notifies_seen: u64) -> String {
+    /// The text exposition, with what was last verified of the database path and the NOTIFYs seen.
+    pub fn render(&self, database: &DatabaseHealth, notifies_seen: u64) -> String {
         let _one_scrape = self.rendering.lock().expect("metrics lock");
-        self.database_connected.set(i64::from(database_connected));
+        self.database_connected.set(i64::from(database.connected));
+        let verified = database.last_verified.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok());
+        self.database_verified.set(verified.map_or(0.0, |at| at.as_secs_f64()));
+        self.database_listening.set(match database.listening {
+            Listening::Hearing => 1,
+            Listening::Off(_) => 0,
+            Listening::Unverified => -1,
+        });
+        for (cause, count) in &database.reconnects {
+            let counter = self.database_reconnects.with_label_values(&[cause.as_str()]);
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
         self.notifies_seen.inc_by(notifies_seen.saturating_sub(self.notifies_seen.get()));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
@@ -125,6 +165,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reload::database::ReconnectCause;
 
     #[test]
     fn renders_the_names_the_guard_has_always_exposed() {
@@ -134,7 +175,14 @@ mod tests {
         metrics.heal("PGRST204", "healed");
         metrics.catalog_check("missing");
         metrics.notify_sent();
-        let text = metrics.render(true, 4);
+        let mut database = DatabaseHealth {
+            connected: true,
+            last_verified: Some(std::time::SystemTime::now()),
+            listening: Listening::Hearing,
+            last_error: None,
+            reconnects: [(ReconnectCause::Timeout, 2)].into_iter().collect(),
+        };
+        let text = metrics.render(&database, 4);
         for line in [
             "pgrst_guard_responses_total{status=\"201\"} 2",
             "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"} 1",
@@ -142,12 +190,23 @@ mod tests {
             "pgrst_guard_notifies_sent_total 1",
             "pgrst_guard_notifies_seen_total 4",
             "pgrst_guard_database_connected 1",
+            "pgrst_guard_database_listening 1",
+            "pgrst_guard_database_reconnects_total{cause=\"timeout\"} 2",
             "pgrst_guard_request_duration_seconds_bucket{le=\"0.005\"} 2",
             "pgrst_guard_request_duration_seconds_count 2",
             "# TYPE pgrst_guard_heal_wait_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
-        assert!(metrics.render(false, 6).lines().any(|l| l == "pgrst_guard_notifies_seen_total 6"));
+        database.connected = false;
+        database.listening = Listening::Off("pooler");
+        let text = metrics.render(&database, 6);
+        for line in [
+            "pgrst_guard_notifies_seen_total 6",
+            "pgrst_guard_database_connected 0",
+            "pgrst_guard_database_listening 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
     }
 }

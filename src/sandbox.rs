@@ -148,7 +148,7 @@ impl Sandbox {
         raw.insert("PGRST_GUARD_DB_URI".into(), db_uri.clone());
         let config = Config::from_raw(&raw).map_err(|e| e.to_string())?;
         let guard = RunningGuard::start(config).await.map_err(|e| format!("the guard cannot listen: {e}"))?;
-        let connected = wait_until(Duration::from_secs(10), || guard.notifier.is_connected()).await;
+        let connected = wait_until(Duration::from_secs(10), || guard.database.is_connected()).await;
         if !connected {
             return Err("the guard's database connection did not come up".to_string());
         }
@@ -383,7 +383,7 @@ async fn execute(db_uri: &str, sql: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot connect to the sandbox database: {e}"))?;
     tokio::spawn(connection);
-    client.batch_execute(sql).await.map_err(|e| crate::reload::notifier::describe(&e))
+    client.batch_execute(sql).await.map_err(|e| crate::reload::database::describe(&e))
 }
 
 /// POSTs JSON; returns the status, the `X-Pgrst-Guard` header and the body.

@@ -171,23 +171,37 @@ where
                 "The request body grew past PGRST_GUARD_MAX_BODY_BYTES while it streamed.",
             )
             .into_response_for(origin.as_ref()),
+            // What happened, with the upstream's address and the error chain, goes to the log; the
+            // client learns only whether its request may have run.
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream connect failed");
+                let mut response = GuardError::new(
+                    GuardErrorKind::UpstreamUnreachable,
+                    "The connection to PostgREST could not be made.",
+                )
+                .into_response_for(origin.as_ref());
+                response.extensions_mut().insert(NeverReachedUpstream);
+                response
+            }
             Ok(Err(e)) => {
-                let kind = if e.is_connect() { "connect" } else { "request" };
-                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream {kind} failed");
-                let mut response = GuardError::new(GuardErrorKind::UpstreamUnreachable, error_chain(&e))
-                    .into_response_for(origin.as_ref());
-                if e.is_connect() {
-                    response.extensions_mut().insert(NeverReachedUpstream);
-                }
+                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream request failed after it was sent");
+                let mut response = GuardError::new(
+                    GuardErrorKind::OutcomeUnknown,
+                    "The connection to PostgREST broke before its answer.",
+                )
+                .into_response_for(origin.as_ref());
+                response.extensions_mut().insert(OutcomeUnknown);
                 response
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
-                GuardError::new(
+                let mut response = GuardError::new(
                     GuardErrorKind::UpstreamTimeout,
-                    format!("No answer from {} within {} ms.", self.upstream, self.response_timeout.as_millis()),
+                    format!("No answer within {} ms.", self.response_timeout.as_millis()),
                 )
-                .into_response_for(origin.as_ref())
+                .into_response_for(origin.as_ref());
+                response.extensions_mut().insert(OutcomeUnknown);
+                response
             }
         }
     }
@@ -197,6 +211,11 @@ where
 /// could not be made): sending it again cannot run anything twice.
 #[derive(Clone, Copy, Debug)]
 pub struct NeverReachedUpstream;
+
+/// Marks a guard answer for a request that was sent but not answered: it may have run, so it is
+/// never sent again.
+#[derive(Clone, Copy, Debug)]
+pub struct OutcomeUnknown;
 
 impl<B> Service<Request<B>> for Forwarder<B>
 where

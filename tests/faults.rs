@@ -48,7 +48,7 @@ async fn committed_rpcs_run_once(family: Family, with_admin: bool) {
         let runs = bed.scalar(&format!("SELECT count(*) FROM calls WHERE label = '{label}'")).await;
         assert_eq!(runs, 1, "{family:?} {function}: the committed RPC ran {runs} times");
     }
-    assert_eq!(guard.notifier.notifications_sent(), 0);
+    assert_eq!(guard.database.notifications_sent(), 0);
 }
 
 family_matrix!(a_committed_rpc_that_looks_stale_runs_once_with_the_admin_url, |family| committed_rpcs_run_once(
@@ -118,7 +118,7 @@ async fn upstream_requests_per_client_request(family: Family, with_admin: bool) 
         let r = task.await.unwrap();
         assert_eq!(r.code().as_deref(), Some("PGRST204"), "the stale error comes back: {}", r.text());
     }
-    let metrics = guard.metrics.render(true, 0);
+    let metrics = guard.render_metrics();
     let upstream: u64 = metrics
         .lines()
         .find(|l| l.starts_with("pgrst_guard_upstream_latency_seconds_count"))
@@ -128,7 +128,7 @@ async fn upstream_requests_per_client_request(family: Family, with_admin: bool) 
     println!("{family:?} admin={with_admin}: 20 client requests cost PostgREST {upstream} requests");
     assert!(upstream <= 20 * per_request, "{upstream} upstream requests for 20 client requests");
     assert!(upstream >= 20);
-    assert!(guard.notifier.notifications_sent() >= 1, "the guard did try to heal");
+    assert!(guard.database.notifications_sent() >= 1, "the guard did try to heal");
 }
 
 family_matrix!(replays_per_request_are_bounded_with_the_admin_url, |family| upstream_requests_per_client_request(
@@ -230,7 +230,7 @@ async fn healing_resumes_when_the_database_connection_is_back() {
     let r = bed.http.post_json(&url, r#"{"content":"x","a":"1"}"#).await;
     assert_eq!(r.code().as_deref(), Some("PGRST204"), "no database: PostgREST's answer, at once");
     relay.refuse(false);
-    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.notifier.is_connected() }).await);
+    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.database.is_connected() }).await);
     let r = bed.http.post_json(&url, r#"{"content":"x","a":"1"}"#).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
 
@@ -239,14 +239,14 @@ async fn healing_resumes_when_the_database_connection_is_back() {
         .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
         .await;
     assert!(
-        support::client::eventually(Duration::from_secs(5), || async { !guard.notifier.is_connected() }).await
-            || guard.notifier.is_connected()
+        support::client::eventually(Duration::from_secs(5), || async { !guard.database.is_connected() }).await
+            || guard.database.is_connected()
     );
-    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.notifier.is_connected() }).await);
-    let seen = guard.notifier.notifications_seen();
+    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.database.is_connected() }).await);
+    let seen = guard.database.notifications_seen();
     bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
     assert!(
-        support::client::eventually(Duration::from_secs(5), || async { guard.notifier.notifications_seen() > seen })
+        support::client::eventually(Duration::from_secs(5), || async { guard.database.notifications_seen() > seen })
             .await,
         "LISTEN renewed"
     );
@@ -275,7 +275,7 @@ async fn outcomes_are_true() {
     let r = waiting.await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(r.header("x-pgrst-guard"), None, "not a heal");
-    let metrics = guard.metrics.render(true, 0);
+    let metrics = guard.render_metrics();
     assert_eq!(metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"}"), 0, "{metrics}");
     assert_eq!(
         metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"replay_failed\"}"),

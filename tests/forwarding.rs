@@ -118,8 +118,10 @@ async fn an_unreachable_upstream_gets_a_502_a_browser_can_read() {
     assert_eq!(r.header("access-control-allow-credentials"), None);
     let body = r.json();
     assert_eq!(body["code"], "PGRSTG01");
-    assert_eq!(body["message"], "Could not reach PostgREST.");
+    assert_eq!(body["message"], "Could not reach PostgREST. The request was not sent, so it is safe to send again.");
     assert!(body.get("details").is_some() && body.get("hint").is_some());
+    // The upstream's address and the connector's error chain stay in the guard's log.
+    assert!(!r.text().contains(&dead) && !r.text().contains("127.0.0.1"), "{}", r.text());
     assert!(r.header("proxy-status").unwrap().starts_with("pgrst-guard; error=destination_unavailable"));
 }
 

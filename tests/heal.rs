@@ -77,7 +77,7 @@ async fn a_heal_shows_in_the_guards_metrics() {
     s.bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids TEXT[]").await;
     let r = s.bed.http.post_json(&s.url("/chat_messages"), r#"{"content":"hi","artifact_ids":[]}"#).await;
     assert_eq!(r.status, StatusCode::CREATED);
-    let metrics = s.guard.metrics.render(true, 0);
+    let metrics = s.guard.render_metrics();
     for expected in [
         "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"} 1",
         "pgrst_guard_notifies_sent_total 1",
@@ -246,7 +246,7 @@ family_matrix!(a_database_that_is_down_stops_healing_but_not_forwarding, |family
     assert!(r.status.is_server_error(), "{}", r.text());
     s.bed.pg.start_again().await;
     assert!(
-        support::client::eventually(Duration::from_secs(15), || async { s.guard.notifier.is_connected() }).await,
+        support::client::eventually(Duration::from_secs(15), || async { s.guard.database.is_connected() }).await,
         "NOTIFY connection comes back"
     );
     assert!(s.bed.postgrest.wait_ready(Duration::from_secs(40)).await, "PostgREST reconnects");

@@ -199,9 +199,9 @@ family_matrix!(an_event_trigger_notify_is_joined_not_doubled, |family| async mov
     let r =
         bed.http.post_json(&format!("{}/chat_messages", guard.url()), r#"{"content":"x","artifact_ids":["a"]}"#).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
-    assert!(eventually(Duration::from_secs(5), || async { guard.notifier.notifications_seen() == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { guard.database.notifications_seen() == 1 }).await);
     assert_eq!(notifies.count(), 1, "only the event trigger's NOTIFY");
-    assert_eq!(guard.notifier.notifications_sent(), 0);
+    assert_eq!(guard.database.notifications_sent(), 0);
 });
 
 /// A reload that takes a set time is something only the double can do: it lets the test send a
@@ -230,7 +230,7 @@ async fn database_errors_are_healed_only_while_a_reload_is_under_way() {
     // A reload under way: the 42703 is waited out and replayed once; the fresh cache then says
     // PGRST204, which the catalog check knows is the client's own error.
     bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
-    assert!(eventually(Duration::from_secs(5), || async { guard.notifier.notifications_seen() == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { guard.database.notifications_seen() == 1 }).await);
     let started = Instant::now();
     let r = bed.http.post_json(&url, r#"{"content":"x","legacy":"y"}"#).await;
     assert_eq!(r.code().as_deref(), Some("PGRST204"), "{}", r.text());

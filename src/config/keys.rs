@@ -30,6 +30,24 @@ pub const KEYS: &[Key] = &[
     key("PGRST_GUARD_DB_URI", "db_uri", None, "PostgreSQL URI used to send the reload NOTIFY (required)"),
     key("PGRST_GUARD_DB_CHANNEL", "db_channel", Some("pgrst"), "channel PostgREST listens on (its db-channel)"),
     key(
+        "PGRST_GUARD_DB_TIMEOUT_MS",
+        "db_timeout_ms",
+        Some("2000"),
+        "longest a catalog query or NOTIFY may take before the database connection is taken for dead and replaced",
+    ),
+    key(
+        "PGRST_GUARD_DB_CHECK_INTERVAL_MS",
+        "db_check_interval_ms",
+        Some("5000"),
+        "how often the database connection and its LISTEN are proved to work (a NOTIFY to itself that must come back)",
+    ),
+    key(
+        "PGRST_GUARD_DB_KEEPALIVE_IDLE_MS",
+        "db_keepalive_idle_ms",
+        Some("10000"),
+        "TCP keepalive on the database connection: idle time before the first probe",
+    ),
+    key(
         "PGRST_GUARD_UPSTREAM_ADMIN",
         "upstream_admin",
         None,

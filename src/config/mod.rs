@@ -34,6 +34,9 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     pub db_uri: DbUri,
     pub db_channel: String,
+    pub db_timeout: Duration,
+    pub db_check_interval: Duration,
+    pub db_keepalive_idle: Duration,
     /// One admin URL per PostgREST instance behind `upstream` (replicas behind a balancer).
     pub upstream_admin: Vec<UpstreamUrl>,
     pub upstream_ca_file: Option<PathBuf>,
@@ -243,6 +246,14 @@ impl Config {
             upstream,
             db_uri,
             db_channel,
+            db_timeout: millis("PGRST_GUARD_DB_TIMEOUT_MS")?,
+            db_check_interval: millis("PGRST_GUARD_DB_CHECK_INTERVAL_MS")?,
+            db_keepalive_idle: match millis("PGRST_GUARD_DB_KEEPALIVE_IDLE_MS")? {
+                idle if idle < Duration::from_secs(1) => {
+                    return Err(ConfigError::new("PGRST_GUARD_DB_KEEPALIVE_IDLE_MS", "must be at least 1000"))
+                }
+                idle => idle,
+            },
             upstream_admin,
             trusted_proxies,
             upstream_ca_file,

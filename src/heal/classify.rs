@@ -51,10 +51,13 @@ pub enum MissingObject {
         schema: String,
         table: String,
     },
+    /// `args` are the argument names PostgREST looked for (the request's keys); `call` how the
+    /// request passes them, which decides whether a single unnamed argument can take the body.
     Function {
         schema: String,
         name: String,
         args: Vec<String>,
+        call: CallShape,
     },
     /// `hint` is the embed's `!hint` (a foreign key's name, one of its columns, or a junction table).
     Relationship {
@@ -63,6 +66,38 @@ pub enum MissingObject {
         hint: Option<String>,
     },
     Unknown,
+}
+
+/// How an RPC passes its arguments (PostgREST's `findProc`): by query string, or in a POST body whose
+/// media type decides which single unnamed argument may take the whole body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallShape {
+    /// GET or HEAD: named arguments from the query string.
+    Get,
+    /// A JSON body: named arguments, or one unnamed `json`/`jsonb` argument.
+    Json,
+    /// `text/plain`: one unnamed `text` argument.
+    Text,
+    /// `text/xml`: one unnamed `xml` argument.
+    Xml,
+    /// `application/octet-stream`: one unnamed `bytea` argument.
+    Bytea,
+}
+
+impl CallShape {
+    /// The shape of a call with `method` and `content_type`.
+    pub fn of(method: &Method, content_type: Option<&str>) -> CallShape {
+        if matches!(*method, Method::GET | Method::HEAD) {
+            return CallShape::Get;
+        }
+        let media = content_type.unwrap_or("application/json").split(';').next().unwrap_or_default().trim();
+        match media.to_ascii_lowercase().as_str() {
+            "text/plain" => CallShape::Text,
+            "text/xml" => CallShape::Xml,
+            "application/octet-stream" => CallShape::Bytea,
+            _ => CallShape::Json,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,18 +121,27 @@ pub struct RequestFacts<'a> {
     /// The path as PostgREST sees it: `/table` or `/rpc/function`.
     pub path: &'a str,
     pub query: Option<&'a str>,
+    /// The request's `Content-Type`, which says how to read the body's column names.
+    pub content_type: Option<&'a str>,
     /// The request body, when it was kept whole.
     pub body: Option<&'a [u8]>,
 }
 
+/// A path segment as PostgREST reads it: percent-decoded (`/my%20table` names `my table`).
+pub fn decoded_segment(segment: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy()
+}
+
 impl RequestFacts<'_> {
-    fn target(&self) -> &str {
-        self.path.rsplit('/').next().unwrap_or_default()
+    /// The table the path names (its last segment, decoded).
+    pub fn target(&self) -> std::borrow::Cow<'_, str> {
+        decoded_segment(self.path.rsplit('/').next().unwrap_or_default())
     }
 
-    fn rpc(&self) -> Option<&str> {
+    /// The function an `/rpc/` path names, decoded.
+    pub fn rpc(&self) -> Option<std::borrow::Cow<'_, str>> {
         let rest = self.path.rsplit_once("/rpc/")?.1;
-        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+        (!rest.is_empty() && !rest.contains('/')).then(|| decoded_segment(rest))
     }
 
     fn query_param(&self, name: &str) -> Option<String> {
@@ -107,7 +151,8 @@ impl RequestFacts<'_> {
         })
     }
 
-    /// The keys a write names: its `columns` parameter, else the first JSON object's keys.
+    /// The keys a write names: its `columns` parameter, else the CSV header or the first JSON
+    /// object's keys, as PostgREST reads the body.
     fn written_columns(&self) -> Vec<String> {
         if let Some(columns) = self.query_param("columns") {
             return columns.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect();
@@ -115,6 +160,9 @@ impl RequestFacts<'_> {
         let Some(body) = self.body else {
             return Vec::new();
         };
+        if self.content_type.is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("text/csv")) {
+            return csv_header(body);
+        }
         let object = match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(serde_json::Value::Array(items)) => items.into_iter().next(),
             Ok(value) => Some(value),
@@ -144,23 +192,45 @@ impl RequestFacts<'_> {
     /// an RPC where only PGRST202 is PostgREST's own.
     fn explains(&self, object: &MissingObject, code: StaleCode) -> bool {
         match (code, object, self.rpc()) {
-            (StaleCode::Function, MissingObject::Function { name, .. }, Some(function)) => name == function,
+            (StaleCode::Function, MissingObject::Function { name, .. }, Some(function)) => *name == function,
             (StaleCode::Function, ..) | (_, _, Some(_)) => false,
             (StaleCode::Column, MissingObject::Column { table, column }, None) => {
-                table == self.target() && self.written_columns().iter().any(|written| written == column)
+                *table == self.target() && self.written_columns().iter().any(|written| written == column)
             }
-            (StaleCode::Table, MissingObject::Table { table, .. }, None) => table == self.target(),
+            (StaleCode::Table, MissingObject::Table { table, .. }, None) => *table == self.target(),
             (StaleCode::LegacyTableWrite, _, None) => {
                 matches!(*self.method, Method::POST | Method::PATCH | Method::PUT) && !self.target().is_empty()
             }
             (StaleCode::Relationship, MissingObject::Relationship { parent, child, .. }, None) => {
                 let names = self.selected_names();
-                let named = |table: &String| table == self.target() || names.iter().any(|n| n == table);
+                let target = self.target();
+                let named = |table: &String| *table == target || names.iter().any(|n| n == table);
                 named(parent) && named(child)
             }
             _ => false,
         }
     }
+}
+
+/// The column names in the first line of a CSV body, unquoted as PostgREST's CSV reader does.
+fn csv_header(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    let line = text.split('\n').next().unwrap_or_default().trim_end_matches('\r');
+    let mut names = Vec::new();
+    let (mut current, mut quoted, mut chars) = (String::new(), false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                current.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => names.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    names.push(current);
+    names
 }
 
 /// The major version in `Server: postgrest/13.0`.
@@ -197,7 +267,12 @@ pub fn passes_by_head(response: &Response<GuardBody>, method: &Method) -> bool {
 }
 
 /// Classifies `response`; an error body that was read is put back, so the answer is whole either way.
-pub async fn inspect(response: Response<GuardBody>, request: &RequestFacts<'_>) -> (Response<GuardBody>, Verdict) {
+/// The body is read only until `deadline`: a body that stalls past it goes to the client as it comes.
+pub async fn inspect(
+    response: Response<GuardBody>,
+    request: &RequestFacts<'_>,
+    deadline: tokio::time::Instant,
+) -> (Response<GuardBody>, Verdict) {
     let method = request.method;
     if passes_by_head(&response, method) {
         return (response, Verdict::PassThrough);
@@ -219,7 +294,7 @@ pub async fn inspect(response: Response<GuardBody>, request: &RequestFacts<'_>) 
         return (response, verdict);
     }
     let (parts, body) = response.into_parts();
-    match read_capped(body, ERROR_BODY_CAP).await {
+    match read_capped(body, ERROR_BODY_CAP, deadline).await {
         Ok(bytes) => {
             let verdict = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
             let verdict = if proxy_status_code.is_some() { verdict } else { attribute(verdict, request) };
@@ -229,13 +304,44 @@ pub async fn inspect(response: Response<GuardBody>, request: &RequestFacts<'_>) 
     }
 }
 
+/// The `error` parameter of PostgREST's own member of `Proxy-Status` (RFC 9209: a list, one
+/// member per intermediary, each appending its own after PostgREST's), from every header line.
 fn proxy_status_error<B>(response: &Response<B>) -> Option<String> {
-    let value = response.headers().get("proxy-status")?.to_str().ok()?;
-    let mut params = value.split(';').map(str::trim);
-    if !params.next()?.eq_ignore_ascii_case("PostgREST") {
-        return None;
+    response
+        .headers()
+        .get_all("proxy-status")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(split_outside_quotes(','))
+        .find_map(|member| {
+            let mut params = split_outside_quotes(';')(member).map(str::trim);
+            let item = params.next()?.trim_matches('"');
+            if !item.eq_ignore_ascii_case("PostgREST") {
+                return None;
+            }
+            params.find_map(|p| p.strip_prefix("error=")).map(|c| c.trim().trim_matches('"').to_string())
+        })
+}
+
+/// Splits a structured header field at `separator`, but not inside a quoted string.
+fn split_outside_quotes(separator: char) -> impl Fn(&str) -> std::vec::IntoIter<&str> {
+    move |text: &str| {
+        let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+        for (at, c) in text.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                c if c == separator && !quoted => {
+                    parts.push(&text[start..at]);
+                    start = at + c.len_utf8();
+                }
+                _ => {}
+            }
+        }
+        parts.push(&text[start..]);
+        parts.into_iter()
     }
-    params.find_map(|p| p.strip_prefix("error=")).map(|c| c.trim_matches('"').to_string())
 }
 
 fn is_json<B>(response: &Response<B>) -> bool {
@@ -345,7 +451,12 @@ pub fn missing_object(message: &str) -> MissingObject {
             (inner.clone(), Vec::new())
         };
         if let Some((schema, name)) = qualified.split_once('.') {
-            return MissingObject::Function { schema: schema.to_string(), name: name.to_string(), args };
+            return MissingObject::Function {
+                schema: schema.to_string(),
+                name: name.to_string(),
+                args,
+                call: CallShape::Json,
+            };
         }
     }
     if let Some(inner) = between(message, "Could not find a relationship between '", "' in the schema cache") {
@@ -356,15 +467,23 @@ pub fn missing_object(message: &str) -> MissingObject {
     MissingObject::Unknown
 }
 
-/// Collects at most `cap` bytes. When the body is longer, hands back a body that replays what was
-/// read and then streams the rest.
-async fn read_capped<B>(mut body: B, cap: usize) -> Result<Bytes, GuardBody>
+/// Collects at most `cap` bytes by `deadline`. When the body is longer or slower, hands back a body
+/// that replays what was read and then streams the rest.
+async fn read_capped<B>(mut body: B, cap: usize, deadline: tokio::time::Instant) -> Result<Bytes, GuardBody>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::body::BoxError>,
 {
     let mut collected = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                let head = http_body_util::Full::new(collected.freeze()).map_err(|never| match never {});
+                return Err(GuardBody::boxed(Chain { head: Some(head), tail: body.map_err(Into::into) }));
+            }
+        };
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -440,12 +559,18 @@ mod tests {
             MissingObject::Function {
                 schema: "public".into(),
                 name: "summarize".into(),
-                args: vec!["a".into(), "message_id".into()]
+                args: vec!["a".into(), "message_id".into()],
+                call: CallShape::Json
             }
         );
         assert_eq!(
             missing_object("Could not find the function public.ping without parameters in the schema cache"),
-            MissingObject::Function { schema: "public".into(), name: "ping".into(), args: vec![] }
+            MissingObject::Function {
+                schema: "public".into(),
+                name: "ping".into(),
+                args: vec![],
+                call: CallShape::Json
+            }
         );
         assert_eq!(
             missing_object("Could not find a relationship between 'chat_messages' and 'projects' in the schema cache"),
@@ -492,8 +617,12 @@ mod tests {
         builder.body(full(Bytes::from_static(body.as_bytes()))).unwrap()
     }
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(10)
+    }
+
     fn facts<'a>(method: &'a Method, path: &'a str, body: &'a str) -> RequestFacts<'a> {
-        RequestFacts { method, path, query: None, body: Some(body.as_bytes()) }
+        RequestFacts { method, path, query: None, content_type: None, body: Some(body.as_bytes()) }
     }
 
     #[tokio::test]
@@ -506,23 +635,23 @@ mod tests {
             &[("proxy-status", "PostgREST; error=PGRST204"), ("content-type", "application/json; charset=utf-8")],
             body,
         );
-        let (kept, verdict) = inspect(with_header, &insert).await;
+        let (kept, verdict) = inspect(with_header, &insert, far()).await;
         assert!(matches!(verdict, Verdict::Stale { code: StaleCode::Column, object: MissingObject::Column { .. } }));
         assert_eq!(kept.into_body().collect().await.unwrap().to_bytes(), body);
 
         let without_header = response(400, &[("content-type", "application/json; charset=utf-8")], body);
-        assert!(matches!(inspect(without_header, &insert).await.1, Verdict::Stale { .. }));
+        assert!(matches!(inspect(without_header, &insert, far()).await.1, Verdict::Stale { .. }));
 
         let legacy = response(404, &[("content-type", "application/json; charset=utf-8")], "{}");
         assert_eq!(
-            inspect(legacy, &insert).await.1,
+            inspect(legacy, &insert, far()).await.1,
             Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown }
         );
 
         let ok = response(200, &[("content-type", "application/json")], "[]");
-        assert_eq!(inspect(ok, &read).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(ok, &read, far()).await.1, Verdict::PassThrough);
         let ambiguous = response(300, &[("proxy-status", "PostgREST; error=PGRST201")], "{}");
-        assert_eq!(inspect(ambiguous, &read).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(ambiguous, &read, far()).await.1, Verdict::PassThrough);
     }
 
     #[tokio::test]
@@ -531,15 +660,21 @@ mod tests {
         let json = ("content-type", "application/json; charset=utf-8");
         // v13+: no Proxy-Status means PostgREST did not raise it.
         let v14 = response(400, &[json, ("server", "postgrest/14.17")], body);
-        assert_eq!(inspect(v14, &facts(&Method::POST, "/t", r#"{"a":1}"#)).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(v14, &facts(&Method::POST, "/t", r#"{"a":1}"#), far()).await.1, Verdict::PassThrough);
         // v12: the request must be able to have caused it.
         let rpc = response(400, &[json, ("server", "postgrest/12.2")], body);
-        assert_eq!(inspect(rpc, &facts(&Method::POST, "/rpc/t", r#"{"a":1}"#)).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(rpc, &facts(&Method::POST, "/rpc/t", r#"{"a":1}"#), far()).await.1, Verdict::PassThrough);
         let other_column = response(400, &[json, ("server", "postgrest/12.2")], body);
-        assert_eq!(inspect(other_column, &facts(&Method::POST, "/t", r#"{"b":1}"#)).await.1, Verdict::PassThrough);
+        assert_eq!(
+            inspect(other_column, &facts(&Method::POST, "/t", r#"{"b":1}"#), far()).await.1,
+            Verdict::PassThrough
+        );
         let caused = response(400, &[json, ("server", "postgrest/12.2")], body);
-        assert!(matches!(inspect(caused, &facts(&Method::POST, "/t", r#"[{"a":1}]"#)).await.1, Verdict::Stale { .. }));
+        assert!(matches!(
+            inspect(caused, &facts(&Method::POST, "/t", r#"[{"a":1}]"#), far()).await.1,
+            Verdict::Stale { .. }
+        ));
         let rpc_404 = response(404, &[json, ("server", "postgrest/12.2")], "{}");
-        assert_eq!(inspect(rpc_404, &facts(&Method::POST, "/rpc/t", "{}")).await.1, Verdict::PassThrough);
+        assert_eq!(inspect(rpc_404, &facts(&Method::POST, "/rpc/t", "{}"), far()).await.1, Verdict::PassThrough);
     }
 }

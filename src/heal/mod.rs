@@ -25,7 +25,7 @@
 //! let policy = HealPolicy {
 //!     replay_body_limit: 1 << 20,
 //!     deadline: std::time::Duration::from_secs(10),
-//!     empty_cache_backoff: std::time::Duration::from_millis(25),
+//!     backoff: std::time::Duration::from_millis(25),
 //!     default_schema: "public".to_string(),
 //! };
 //! let service = HealLayer::new(coordinator, policy, metrics, Some(catalog)).layer(Forwarder::new(&config.upstream, config, pgrst_guard::tls::https_config(None).unwrap()));
@@ -33,10 +33,13 @@
 //! # }
 //! ```
 
+pub mod budget;
 pub mod classify;
 mod layer;
+mod machine;
 pub mod replay_body;
 mod service;
 
 pub use layer::HealLayer;
+pub use machine::HealOutcome;
 pub use service::{HealPolicy, HealService, REPLAYED_HEADER};

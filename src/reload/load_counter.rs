@@ -25,6 +25,9 @@ pub struct LoadCounter {
 pub enum ProbeError {
     /// The admin server answered but has no such metric (PostgREST before v12.2): fall back to back-off.
     NoMetric,
+    /// No connection could be made: the process is restarting, or gone.
+    Refused(String),
+    /// No answer in time: nothing can be concluded from it.
     Unreachable(String),
 }
 
@@ -32,6 +35,7 @@ impl std::fmt::Display for ProbeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProbeError::NoMetric => write!(f, "the admin server has no pgrst_schema_cache_loads_total metric"),
+            ProbeError::Refused(reason) => write!(f, "admin server refused the connection: {reason}"),
             ProbeError::Unreachable(reason) => write!(f, "admin server unreachable: {reason}"),
         }
     }
@@ -51,7 +55,13 @@ impl LoadCounter {
         let response = tokio::time::timeout(PROBE_TIMEOUT, self.client.request(request))
             .await
             .map_err(|_| ProbeError::Unreachable("timed out".to_string()))?
-            .map_err(|e| ProbeError::Unreachable(e.to_string()))?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    ProbeError::Refused(e.to_string())
+                } else {
+                    ProbeError::Unreachable(e.to_string())
+                }
+            })?;
         if response.status() != StatusCode::OK {
             return Err(ProbeError::NoMetric);
         }

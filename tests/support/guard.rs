@@ -12,7 +12,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 pub async fn start_guard(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> RunningGuard {
     let guard = start_guard_without_waiting(upstream, db_uri, extra).await;
     let connected =
-        super::client::eventually(std::time::Duration::from_secs(10), || async { guard.notifier.is_connected() }).await;
+        super::client::eventually(std::time::Duration::from_secs(10), || async { guard.database.is_connected() }).await;
     assert!(connected, "guard's database connection did not come up");
     guard
 }
@@ -33,6 +33,11 @@ pub async fn start_guard_without_waiting(upstream: &str, db_uri: &str, extra: &[
 /// Counts `reload schema` (and empty) NOTIFYs on a channel, as PostgREST's listener would see them.
 pub struct NotifyCounter {
     count: Arc<AtomicU64>,
+    /// The newest barrier payload heard (see [`NotifyCounter::settled`]).
+    barriers: tokio::sync::watch::Receiver<u64>,
+    next_barrier: AtomicU64,
+    db_uri: String,
+    channel: String,
     _client: tokio_postgres::Client,
     task: tokio::task::JoinHandle<()>,
 }
@@ -48,21 +53,51 @@ impl NotifyCounter {
         let (client, mut connection) = tokio_postgres::connect(db_uri, NoTls).await.expect("counter connects");
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
+        let (barrier, barriers) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
                 if let AsyncMessage::Notification(n) = message {
                     if n.payload() == "reload schema" || n.payload().is_empty() {
                         counted.fetch_add(1, Ordering::AcqRel);
+                    } else if let Some(number) = n.payload().strip_prefix("test barrier ") {
+                        barrier.send_replace(number.parse().unwrap_or(0));
                     }
                 }
             }
         });
         client.batch_execute(&format!("LISTEN \"{channel}\"")).await.expect("LISTEN");
-        NotifyCounter { count, _client: client, task }
+        NotifyCounter {
+            count,
+            barriers,
+            next_barrier: AtomicU64::new(1),
+            db_uri: db_uri.to_string(),
+            channel: channel.to_string(),
+            _client: client,
+            task,
+        }
     }
 
+    /// NOTIFYs counted so far (some may still be on their way: see [`NotifyCounter::settled`]).
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// The count once every NOTIFY committed before this call has arrived: a NOTIFY with a payload
+    /// PostgREST ignores is sent last, and PostgreSQL delivers notifications in commit order.
+    pub async fn settled(&self) -> u64 {
+        let number = self.next_barrier.fetch_add(1, Ordering::AcqRel);
+        let (client, connection) = tokio_postgres::connect(&self.db_uri, NoTls).await.expect("barrier connects");
+        tokio::spawn(connection);
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&self.channel, &format!("test barrier {number}")])
+            .await
+            .expect("barrier NOTIFY");
+        let mut barriers = self.barriers.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(10), barriers.wait_for(|heard| *heard >= number))
+            .await
+            .expect("the barrier NOTIFY came back")
+            .expect("the counter is listening");
+        self.count()
     }
 }

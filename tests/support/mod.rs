@@ -7,6 +7,7 @@ pub mod double;
 pub mod echo;
 pub mod guard;
 pub mod pg;
+pub mod pgbouncer;
 pub mod pki;
 pub mod postgrest;
 pub mod relay;

@@ -1,0 +1,354 @@
+//! One reload: the guard's own (read PostgREST's load counters, send the NOTIFY, watch the counters
+//! rise) or one somebody else asked for (seen on the channel: read the counters, watch them rise).
+//! The work runs as a task of its own on the guard's control runtime, so no request owns it: a
+//! client that leaves mid-NOTIFY changes nothing for the others waiting on the same flight.
+//!
+//! What a waiting request reads is the flight's [`Progress`], published on a watch channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::database::Database;
+use super::load_counter::{LoadCounter, ProbeError};
+
+/// PostgREST's debounce cool-down between two loads.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A flight begun from somebody else's NOTIFY reads its baseline only after that NOTIFY. A reload
+/// takes a database round trip and more, so a baseline read this soon after the NOTIFY surely
+/// predates the end of its load; one read later may not, and then the first replay waits for a rise
+/// at most [`OBSERVED_GRACE`].
+const PROMPT_BASELINE: Duration = Duration::from_millis(20);
+const OBSERVED_GRACE: Duration = Duration::from_millis(250);
+/// An admin server refused this many polls in a row is gone (the old process of a hand-over): the
+/// flight's waiters fall back to back-off replays instead of waiting for it.
+const GONE_AFTER_REFUSALS: u32 = 3;
+
+/// Who asked for the reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// This guard's NOTIFY.
+    Ours,
+    /// A NOTIFY from somebody else (an event trigger, a migration, another guard), seen at this time.
+    Observed(Instant),
+}
+
+/// How the end of the reload is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Every instance's `pgrst_schema_cache_loads_total{status="SUCCESS"}` is watched.
+    LoadCounter,
+    /// It cannot be observed (no admin URL, no `/metrics` before v12.2, an admin server gone):
+    /// replays back off, and the first success proves it.
+    Backoff,
+}
+
+/// What is known of a flight so far.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// When the NOTIFY was sent (just before the query) or seen; None while the baseline is read.
+    pub notified_at: Option<Instant>,
+    /// The NOTIFY could not be sent.
+    pub failed: Option<Arc<str>>,
+    pub completion: Completion,
+    /// Loads finished since the baseline by the slowest instance (a restart counts as two).
+    pub rises: u64,
+    /// When every instance had finished one load since the baseline.
+    pub first_rise_at: Option<Instant>,
+    /// When every instance had finished the load that surely began after the NOTIFY (the second
+    /// rise, PostgREST's debounce allowing one load already under way, or a restart).
+    pub settled_at: Option<Instant>,
+    /// A replay waiting on this flight succeeded.
+    pub cured_at: Option<Instant>,
+    /// When the load counters' baseline was read.
+    pub baseline_at: Option<Instant>,
+}
+
+pub struct Flight {
+    pub origin: Origin,
+    pub created_at: Instant,
+    progress: watch::Sender<Progress>,
+}
+
+impl Flight {
+    /// Starts a flight: its task reads the baselines, sends the NOTIFY (for [`Origin::Ours`]) and
+    /// polls the counters, all ending by `deadline`.
+    pub fn launch(
+        origin: Origin,
+        database: Arc<Database>,
+        counters: Vec<LoadCounter>,
+        poll: Duration,
+        deadline: Instant,
+        runtime: &tokio::runtime::Handle,
+    ) -> Arc<Flight> {
+        let completion = if counters.is_empty() { Completion::Backoff } else { Completion::LoadCounter };
+        let progress = Progress {
+            notified_at: match origin {
+                Origin::Observed(seen) => Some(seen),
+                Origin::Ours => None,
+            },
+            failed: None,
+            completion,
+            rises: 0,
+            first_rise_at: None,
+            settled_at: None,
+            cured_at: None,
+            baseline_at: None,
+        };
+        let flight = Arc::new(Flight { origin, created_at: Instant::now(), progress: watch::Sender::new(progress) });
+        runtime.spawn(fly(Arc::downgrade(&flight), database, counters, poll, deadline));
+        flight
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// When the first load since the NOTIFY finished everywhere, or a replay proved it.
+    pub fn completed_at(&self) -> Option<Instant> {
+        let progress = self.progress.borrow();
+        match (progress.first_rise_at, progress.cured_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A replay that waited on this flight succeeded: in back-off mode the only sign of the end.
+    pub fn cured(&self) {
+        self.progress.send_if_modified(|progress| {
+            let first = progress.cured_at.is_none();
+            progress.cured_at.get_or_insert_with(Instant::now);
+            first
+        });
+    }
+
+    /// Waits until replay number `attempt` (from 1) within this flight is worth sending.
+    pub async fn wait(&self, attempt: u32, backoff: Duration, deadline: Instant) -> Wait {
+        let mut progress = self.subscribe();
+        // The NOTIFY and the baseline first: until both are there, there is nothing to wait for.
+        let started = |p: &Progress| {
+            p.failed.is_some()
+                || (p.notified_at.is_some() && (p.baseline_at.is_some() || p.completion == Completion::Backoff))
+        };
+        let sent = tokio::time::timeout_at(deadline, progress.wait_for(started))
+            .await
+            .ok()
+            .and_then(|p| p.ok().map(|p| (p.notified_at, p.failed.clone())));
+        let notified_at = match sent {
+            Some((Some(notified_at), None)) => notified_at,
+            Some((_, Some(failed))) => return Wait::NotifyFailed(failed),
+            _ => return Wait::Deadline,
+        };
+        if self.progress().completion == Completion::Backoff {
+            return backoff_wait(attempt, backoff, deadline).await;
+        }
+        // PostgREST's debounce: the load that started after the NOTIFY ends at the first or, if one
+        // was already running, the second rise of the counter.
+        let (target, limit) = match attempt {
+            1 => match (self.origin, self.progress().baseline_at) {
+                (Origin::Observed(seen), Some(read)) if read > seen + PROMPT_BASELINE => {
+                    (1, deadline.min(Instant::now().max(notified_at) + OBSERVED_GRACE))
+                }
+                _ => (1, deadline),
+            },
+            2 => {
+                let risen = self.progress().first_rise_at.unwrap_or_else(Instant::now);
+                let first_load = risen.saturating_duration_since(notified_at);
+                (2, deadline.min(risen + first_load * 2 + DEBOUNCE + Duration::from_millis(150)))
+            }
+            _ => return Wait::Exhausted,
+        };
+        let reached = tokio::time::timeout_at(
+            limit,
+            progress.wait_for(|p| p.rises >= target || p.completion == Completion::Backoff),
+        )
+        .await
+        .ok()
+        .and_then(|p| p.ok().map(|p| p.rises >= target));
+        match reached {
+            Some(true) => Wait::Ready,
+            // The admin server went away mid-flight: back-off replays instead of its word.
+            Some(false) => backoff_wait(attempt, backoff, deadline).await,
+            _ if matches!(self.origin, Origin::Observed(_)) && attempt == 1 && Instant::now() < deadline => {
+                // The load may have finished before the baseline was read: try once.
+                Wait::Ready
+            }
+            _ => Wait::Exhausted,
+        }
+    }
+}
+
+/// What a waiting request may do next.
+#[derive(Debug)]
+pub enum Wait {
+    /// Replay now.
+    Ready,
+    /// This flight has nothing more to offer this request.
+    Exhausted,
+    /// The NOTIFY could not be sent.
+    NotifyFailed(Arc<str>),
+    /// The deadline came first.
+    Deadline,
+}
+
+/// The flight's task: baselines, NOTIFY, then the counters until the second rise everywhere.
+async fn fly(
+    flight: std::sync::Weak<Flight>,
+    database: Arc<Database>,
+    counters: Vec<LoadCounter>,
+    poll: Duration,
+    deadline: Instant,
+) {
+    let Some(strong) = flight.upgrade() else { return };
+    let origin = strong.origin;
+    drop(strong);
+    let mut instances = match read_baselines(&counters, deadline).await {
+        Some(instances) => {
+            publish(&flight, |p| p.baseline_at = Some(Instant::now()));
+            instances
+        }
+        None => {
+            publish(&flight, |p| p.completion = Completion::Backoff);
+            Vec::new()
+        }
+    };
+    if origin == Origin::Ours {
+        let sending = Instant::now();
+        if let Err(e) = database.notify_reload(deadline).await {
+            let reason: Arc<str> = e.to_string().into();
+            tracing::warn!(error = %reason, "reload NOTIFY failed");
+            publish(&flight, |p| p.failed = Some(reason));
+            return;
+        }
+        publish(&flight, |p| p.notified_at = Some(sending));
+    }
+    if instances.is_empty() {
+        return;
+    }
+    while Instant::now() < deadline {
+        tokio::time::sleep(poll).await;
+        futures_util::future::join_all(instances.iter_mut().map(InstanceLoads::poll)).await;
+        if instances.iter().any(|instance| instance.gone()) {
+            tracing::info!("a PostgREST admin server went away mid-reload; waiting with back-off instead");
+            publish(&flight, |p| p.completion = Completion::Backoff);
+            return;
+        }
+        let rises = instances.iter().map(|i| i.rises).min().unwrap_or(0);
+        let alive = publish(&flight, |p| {
+            if rises > p.rises {
+                let now = Instant::now();
+                p.rises = rises;
+                p.first_rise_at.get_or_insert(now);
+                if rises >= 2 {
+                    p.settled_at.get_or_insert(now);
+                }
+            }
+        });
+        if !alive || rises >= 2 {
+            return;
+        }
+    }
+}
+
+/// Applies `change` to the flight's progress; false once the flight is gone.
+fn publish(flight: &std::sync::Weak<Flight>, change: impl FnOnce(&mut Progress)) -> bool {
+    match flight.upgrade() {
+        Some(flight) => {
+            flight.progress.send_modify(change);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Every instance's counter before the NOTIFY; None (back-off) when any cannot be read.
+async fn read_baselines(counters: &[LoadCounter], deadline: Instant) -> Option<Vec<InstanceLoads>> {
+    if counters.is_empty() {
+        return None;
+    }
+    let reads = counters.iter().map(|counter| tokio::time::timeout_at(deadline, counter.successful_loads()));
+    let mut instances = Vec::with_capacity(counters.len());
+    for (counter, read) in counters.iter().zip(futures_util::future::join_all(reads).await) {
+        match read {
+            Ok(Ok(count)) => instances.push(InstanceLoads::new(counter.clone(), count)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read PostgREST's load counter; waiting with back-off instead");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("PostgREST's load counter did not answer in time; waiting with back-off instead");
+                return None;
+            }
+        }
+    }
+    Some(instances)
+}
+
+/// What one PostgREST instance has loaded since a flight's baseline.
+struct InstanceLoads {
+    counter: LoadCounter,
+    baseline: u64,
+    /// The admin server refused a poll since the baseline: a restart, or the process is gone.
+    refused_since_baseline: bool,
+    refusals_in_a_row: u32,
+    rises: u64,
+}
+
+impl InstanceLoads {
+    fn new(counter: LoadCounter, baseline: u64) -> InstanceLoads {
+        InstanceLoads { counter, baseline, refused_since_baseline: false, refusals_in_a_row: 0, rises: 0 }
+    }
+
+    fn gone(&self) -> bool {
+        self.refusals_in_a_row >= GONE_AFTER_REFUSALS
+    }
+
+    async fn poll(&mut self) {
+        let count = match self.counter.successful_loads().await {
+            Ok(count) => count,
+            Err(ProbeError::Refused(_)) => {
+                self.refused_since_baseline = true;
+                self.refusals_in_a_row += 1;
+                return;
+            }
+            // A slow answer says nothing about a restart: no data, nothing concluded.
+            Err(ProbeError::Unreachable(_) | ProbeError::NoMetric) => return,
+        };
+        self.refusals_in_a_row = 0;
+        // A restart loads a fresh cache: as good as both loads the debounce could owe us, once the
+        // new process has finished its first load. It shows as a counter below the baseline, or as
+        // an admin server that refused and came back (the new process's counter may read the same).
+        let restarted = count < self.baseline || self.refused_since_baseline;
+        self.rises = match (restarted, count) {
+            (true, 0) => 0,
+            (true, _) => 2,
+            (false, _) => count - self.baseline,
+        };
+    }
+}
+
+/// Sleeps about `backoff * 3^(attempt-1)` (at most 1 s), jittered by ±20 % so that many waiting
+/// requests do not replay in one burst; [`Wait::Deadline`] if that would pass `deadline`.
+pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) -> Wait {
+    let delay = backoff.saturating_mul(3u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(MAX_BACKOFF);
+    let delay = jittered(delay);
+    if Instant::now() + delay > deadline {
+        return Wait::Deadline;
+    }
+    tokio::time::sleep(delay).await;
+    Wait::Ready
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// `delay` times a random factor in [0.8, 1.2).
+pub fn jittered(delay: Duration) -> Duration {
+    let factor = 0.8 + (super::database::random_u64() % 4096) as f64 / 4096.0 * 0.4;
+    delay.mul_f64(factor)
+}
