@@ -29,10 +29,10 @@ use crate::error::{GuardError, GuardErrorKind};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Request headers that carry credentials: JWTs, Supabase's `apikey`, cookies. (Proxy credentials
-/// are hop-by-hop and never forwarded.)
-fn sensitive_request_headers() -> [HeaderName; 3] {
-    [header::AUTHORIZATION, HeaderName::from_static("apikey"), header::COOKIE]
+/// Request headers that carry credentials: JWTs, Supabase's `apikey`, cookies, and proxy
+/// credentials (never forwarded, being hop-by-hop, but still printed by a debug span).
+fn sensitive_request_headers() -> [HeaderName; 4] {
+    [header::AUTHORIZATION, HeaderName::from_static("apikey"), header::COOKIE, header::PROXY_AUTHORIZATION]
 }
 
 /// Wraps `routed` (the gateway) in the edge layers; answers keep the guard's body type.

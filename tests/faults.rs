@@ -238,11 +238,13 @@ async fn healing_resumes_when_the_database_connection_is_back() {
     bed.pg
         .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
         .await;
-    assert!(
-        support::client::eventually(Duration::from_secs(5), || async { !guard.database.is_connected() }).await
-            || guard.database.is_connected()
-    );
-    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.database.is_connected() }).await);
+    // The guard sees its backend gone and replaces it: counted, and a new backend LISTENs.
+    let replaced = support::client::eventually(Duration::from_secs(15), || async {
+        metric(&guard.render_metrics(), "pgrst_guard_database_reconnects_total{cause=\"closed\"}") >= 1
+    })
+    .await;
+    assert!(replaced, "{}", guard.render_metrics());
+    assert!(support::client::eventually(Duration::from_secs(15), || async { guard.database.hears_others() }).await);
     let seen = guard.database.notifications_seen();
     bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
     assert!(
@@ -317,7 +319,7 @@ async fn replicas_heal_with_one_notify(family: Family, both_admins: bool) {
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     }
     println!("{family:?} both_admins={both_admins}: 40 heals across two instances in {:?}", started.elapsed());
-    assert_eq!(notifies.count(), 1, "one NOTIFY reaches both instances");
+    assert_eq!(notifies.settled().await, 1, "one NOTIFY reaches both instances");
     assert_eq!(bed.scalar("SELECT count(DISTINCT content) FROM chat_messages").await, 40);
     assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages").await, 40);
 }
@@ -367,18 +369,19 @@ async fn a_reuseport_hand_over_heals_with_one_notify_per_migration() {
     let started = Instant::now();
     write_through(&guard, "artifact_ids", "both", 40).await;
     println!("40 writes while both processes serve: {:?}", started.elapsed());
-    assert!(notifies.count() <= 1, "{} NOTIFYs", notifies.count());
+    let sent = notifies.settled().await;
+    assert!(sent <= 1, "{sent} NOTIFYs");
 
     // The old process leaves, and the admin URL with it; the next migration heals on the new one.
     bed.postgrest.stop().await;
-    let before = notifies.count();
+    let before = notifies.settled().await;
     bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN tool_ids text[]").await;
     let started = Instant::now();
     write_through(&guard, "tool_ids", "after", 40).await;
     let elapsed = started.elapsed();
     println!("40 writes after the old process left: {elapsed:?}");
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
-    assert_eq!(notifies.count(), before + 1);
+    assert_eq!(notifies.settled().await, before + 1);
     assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages").await, 80);
     drop(successor);
 }

@@ -654,6 +654,52 @@ mod tests {
         assert_eq!(inspect(ambiguous, &read, far()).await.1, Verdict::PassThrough);
     }
 
+    #[test]
+    fn proxy_status_names_postgrests_own_member_whatever_intermediaries_append() {
+        let with = |values: &[&str]| {
+            let mut builder = Response::builder();
+            for value in values {
+                builder = builder.header("proxy-status", *value);
+            }
+            builder.body(()).unwrap()
+        };
+        assert_eq!(proxy_status_error(&with(&["PostgREST; error=PGRST204"])).as_deref(), Some("PGRST204"));
+        assert_eq!(
+            proxy_status_error(&with(&["PostgREST; error=PGRST204, cdn; error=http_protocol_error"])).as_deref(),
+            Some("PGRST204")
+        );
+        assert_eq!(
+            proxy_status_error(&with(&["PostgREST; error=PGRST205", "cdn; error=\"x, y\"; details=\"a;b\""]))
+                .as_deref(),
+            Some("PGRST205")
+        );
+        assert_eq!(proxy_status_error(&with(&["cdn; error=PGRST204"])), None, "another intermediary's entry");
+        assert_eq!(proxy_status_error(&with(&["\"PostgREST\"; error=\"PGRST200\""])).as_deref(), Some("PGRST200"));
+    }
+
+    #[test]
+    fn csv_headers_and_encoded_paths_are_read_as_postgrest_reads_them() {
+        assert_eq!(
+            csv_header(b"content,\"artifact ids\",\"a\"\"b\"\nx,y,z\n"),
+            vec!["content", "artifact ids", "a\"b"]
+        );
+        let body = "content,artifact_ids\nhi,\"{a}\"\n";
+        let facts = RequestFacts {
+            method: &Method::POST,
+            path: "/my%20table",
+            query: None,
+            content_type: Some("text/csv"),
+            body: Some(body.as_bytes()),
+        };
+        assert_eq!(facts.target(), "my table");
+        assert!(facts.explains(
+            &MissingObject::Column { table: "my table".into(), column: "artifact_ids".into() },
+            StaleCode::Column
+        ));
+        let rpc = RequestFacts { path: "/rpc/say%20hi", ..facts };
+        assert_eq!(rpc.rpc().as_deref(), Some("say hi"));
+    }
+
     #[tokio::test]
     async fn an_applications_error_shaped_answer_is_never_healed() {
         let body = r#"{"code":"PGRST204","details":null,"hint":null,"message":"Could not find the 'a' column of 't' in the schema cache"}"#;

@@ -336,7 +336,20 @@ impl Database {
             let mut health = self.health.lock().expect("health lock");
             *health.reconnects.entry(cause).or_default() += 1;
             health.last_error = Some(reason);
+            // A LISTEN proved on the old connection says nothing of the next one.
+            if health.listening == Some(Listening::Hearing) {
+                health.listening = Some(Listening::Unverified);
+            }
             self.discarded.notify_one();
+        }
+    }
+
+    /// The current connection ended by itself (the server or the network closed it).
+    fn replace_ended(&self, reason: String) {
+        let ended = self.session.lock().expect("session lock").as_ref().filter(|s| !s.is_live()).cloned();
+        match ended {
+            Some(session) => self.discard(&session, ReconnectCause::Closed, reason),
+            None => self.health.lock().expect("health lock").last_error = Some(reason),
         }
     }
 
@@ -375,9 +388,8 @@ impl Database {
             };
             ended.store(true, Ordering::Release);
             if let Some(database) = me.upgrade() {
-                database.health.lock().expect("health lock").last_error = error.clone();
-                database.discarded.notify_one();
-                tracing::warn!(error = error.as_deref().unwrap_or("closed"), "database connection ended");
+                let reason = error.unwrap_or_else(|| "the server closed the connection".to_string());
+                database.replace_ended(reason);
             }
         });
         let setup = async {

@@ -92,3 +92,38 @@ impl RealBed {
         self.pg.connect("postgres").await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 }
+
+/// Holds PostgREST's schema reload in the middle: its cache query opens every view (to ask whether it
+/// is updatable), so an ACCESS EXCLUSIVE lock on one, held in an open transaction, makes a reload
+/// wait for as long as the test wants — a real PostgREST mid-reload, serving from its old cache.
+/// The view is [`RELOAD_BLOCKER_SQL`]'s.
+pub struct ReloadBlocker {
+    client: tokio_postgres::Client,
+    watcher: tokio_postgres::Client,
+}
+
+/// The view a [`ReloadBlocker`] locks; part of a test's set-up.
+pub const RELOAD_BLOCKER_SQL: &str = "CREATE VIEW reload_blocker AS SELECT 1 AS one;";
+
+impl ReloadBlocker {
+    pub async fn hold(pg: &pg::TestCluster) -> ReloadBlocker {
+        let client = pg.connect("postgres").await;
+        client.batch_execute("BEGIN; LOCK TABLE reload_blocker IN ACCESS EXCLUSIVE MODE;").await.expect("lock");
+        ReloadBlocker { client, watcher: pg.connect("postgres").await }
+    }
+
+    /// Is a reload waiting on the lock now?
+    pub async fn reload_waiting(&self) -> bool {
+        let row = self
+            .watcher
+            .query_one("SELECT count(*) FROM pg_locks WHERE relation = 'reload_blocker'::regclass AND NOT granted", &[])
+            .await
+            .expect("pg_locks");
+        row.get::<_, i64>(0) > 0
+    }
+
+    /// Lets the reload go on.
+    pub async fn release(self) {
+        self.client.batch_execute("COMMIT").await.expect("commit");
+    }
+}
