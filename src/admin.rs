@@ -32,7 +32,7 @@ pub async fn handle(state: AdminState, request: Request<RequestBody>) -> Result<
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(&state.database.health(), state.database.notifications_seen()),
+            state.metrics.render(&state.database.health(), state.database.notify_counts()),
         ),
         _ => (StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#.to_string()),
     };

@@ -230,7 +230,7 @@ impl RunningGuard {
 
     /// The `/metrics` text, as the admin listener serves it.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.database.health(), self.database.notifications_seen())
+        self.metrics.render(&self.database.health(), self.database.notify_counts())
     }
 
     /// Stops accepting and waits for open requests (up to the drain deadline).

@@ -8,6 +8,13 @@ use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, I
 
 use crate::reload::database::{DatabaseHealth, Listening};
 
+/// Reload NOTIFYs the guard's database connection sent, and saw from others.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotifyCounts {
+    pub sent: u64,
+    pub seen: u64,
+}
+
 /// Upper bounds in seconds, shared by the latency histograms.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -22,6 +29,7 @@ pub struct Metrics {
     response_counters: Box<[OnceLock<IntCounter>; STATUSES]>,
     heals: IntCounterVec,
     notifies_sent: IntCounter,
+    upstream_requests: IntCounterVec,
     catalog_checks: IntCounterVec,
     notifies_seen: IntCounter,
     database_connected: IntGauge,
@@ -83,6 +91,12 @@ impl Default for Metrics {
                 &["code", "outcome"],
             ),
             notifies_sent: counter("pgrst_guard_notifies_sent_total", "Reload NOTIFYs sent."),
+            upstream_requests: counter_vec(
+                "pgrst_guard_upstream_requests_total",
+                "Requests sent to PostgREST (replays included), by result: answered, never_sent (the connection was \
+                 refused or could not be made), no_answer (sent, then the connection broke), timeout.",
+                &["result"],
+            ),
             catalog_checks: counter_vec(
                 "pgrst_guard_catalog_checks_total",
                 "Catalog checks before a reload, by result.",
@@ -128,20 +142,22 @@ impl Metrics {
         self.catalog_checks.with_label_values(&[result]).inc();
     }
 
-    pub fn notify_sent(&self) {
-        self.notifies_sent.inc();
-    }
-
     pub fn observe_upstream(&self, took: Duration) {
         self.upstream_latency.observe(took.as_secs_f64());
+    }
+
+    /// An upstream request that got no answer: `never_sent`, `no_answer` or `timeout`.
+    pub fn upstream_failed(&self, result: &'static str) {
+        self.upstream_requests.with_label_values(&[result]).inc();
     }
 
     pub fn observe_heal_wait(&self, took: Duration) {
         self.heal_wait.observe(took.as_secs_f64());
     }
 
-    /// The text exposition, with what was last verified of the database path and the NOTIFYs seen.
-    pub fn render(&self, database: &DatabaseHealth, notifies_seen: u64) -> String {
+    /// The text exposition, with what was last verified of the database path and the NOTIFYs sent
+    /// and seen on it.
+    pub fn render(&self, database: &DatabaseHealth, notifies: NotifyCounts) -> String {
         let _one_scrape = self.rendering.lock().expect("metrics lock");
         self.database_connected.set(i64::from(database.connected));
         let verified = database.last_verified.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok());
@@ -155,7 +171,11 @@ impl Metrics {
             let counter = self.database_reconnects.with_label_values(&[cause.as_str()]);
             counter.inc_by(count.saturating_sub(counter.get()));
         }
-        self.notifies_seen.inc_by(notifies_seen.saturating_sub(self.notifies_seen.get()));
+        self.notifies_seen.inc_by(notifies.seen.saturating_sub(self.notifies_seen.get()));
+        self.notifies_sent.inc_by(notifies.sent.saturating_sub(self.notifies_sent.get()));
+        // Answered requests are the latency histogram's count: one atomic on the request path, not two.
+        let answered = self.upstream_requests.with_label_values(&["answered"]);
+        answered.inc_by(self.upstream_latency.get_sample_count().saturating_sub(answered.get()));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
@@ -174,7 +194,6 @@ mod tests {
         metrics.response(201, Duration::from_millis(3));
         metrics.heal("PGRST204", "healed");
         metrics.catalog_check("missing");
-        metrics.notify_sent();
         let mut database = DatabaseHealth {
             connected: true,
             last_verified: Some(std::time::SystemTime::now()),
@@ -182,7 +201,7 @@ mod tests {
             last_error: None,
             reconnects: [(ReconnectCause::Timeout, 2)].into_iter().collect(),
         };
-        let text = metrics.render(&database, 4);
+        let text = metrics.render(&database, NotifyCounts { sent: 1, seen: 4 });
         for line in [
             "pgrst_guard_responses_total{status=\"201\"} 2",
             "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"} 1",
@@ -200,7 +219,7 @@ mod tests {
         }
         database.connected = false;
         database.listening = Listening::Off("pooler");
-        let text = metrics.render(&database, 6);
+        let text = metrics.render(&database, NotifyCounts { sent: 1, seen: 6 });
         for line in [
             "pgrst_guard_notifies_seen_total 6",
             "pgrst_guard_database_connected 0",

@@ -175,6 +175,7 @@ where
             // client learns only whether its request may have run.
             Ok(Err(e)) if e.is_connect() => {
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream connect failed");
+                self.count_failure("never_sent");
                 let mut response = GuardError::new(
                     GuardErrorKind::UpstreamUnreachable,
                     "The connection to PostgREST could not be made.",
@@ -185,6 +186,7 @@ where
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream request failed after it was sent");
+                self.count_failure("no_answer");
                 let mut response = GuardError::new(
                     GuardErrorKind::OutcomeUnknown,
                     "The connection to PostgREST broke before its answer.",
@@ -195,6 +197,7 @@ where
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
+                self.count_failure("timeout");
                 let mut response = GuardError::new(
                     GuardErrorKind::UpstreamTimeout,
                     format!("No answer within {} ms.", self.response_timeout.as_millis()),
@@ -203,6 +206,14 @@ where
                 response.extensions_mut().insert(OutcomeUnknown);
                 response
             }
+        }
+    }
+}
+
+impl<B> ForwarderParts<B> {
+    fn count_failure(&self, result: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.upstream_failed(result);
         }
     }
 }

@@ -92,51 +92,113 @@ async fn a_restart_ends_the_wait(family: Family, with_admin: bool) {
 family_matrix!(a_restart_ends_the_wait_with_the_admin_url, |family| a_restart_ends_the_wait(family, true));
 family_matrix!(a_restart_ends_the_wait_without_the_admin_url, |family| a_restart_ends_the_wait(family, false));
 
-/// A PostgREST that never reloads: each stale client request costs at most the replay budget
-/// README states (1 + 4 with the load counter, 1 + 6 without), never a request per back-off step.
-async fn upstream_requests_per_client_request(family: Family, with_admin: bool) {
-    let bed =
-        RealBed::start_with(family, "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);", |o| {
-            o.deaf()
-        })
-        .await;
+/// How PostgREST fails to cure, for the budget tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Uncured {
+    /// Deaf to NOTIFY, watched through its admin URL.
+    WithAdminUrl,
+    /// Deaf to NOTIFY, no admin URL: completion cannot be seen.
+    WithoutAdminUrl,
+    /// No schema cache at all (PGRST002): its reloads keep failing.
+    EmptyCache,
+    /// Gone after the first answer: every replay's connection is refused.
+    Refused,
+}
+
+/// Every upstream request a client request causes, counted where it lands — PostgREST's own access
+/// log, or the connections a relay refused in its place — stays within the one budget README states:
+/// the client's own request and at most six more, whatever they are for.
+async fn upstream_requests_per_client_request(family: Family, uncured: Uncured) {
+    const CLIENTS: usize = 10;
+    let setup = format!(
+        "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text); {} ALTER ROLE authenticator SET lock_timeout = '200ms';",
+        support::RELOAD_BLOCKER_SQL
+    );
+    let bed = RealBed::start_with(family, &setup, |o| support::postgrest::PostgrestOptions {
+        log_level: "info",
+        channel_enabled: uncured == Uncured::EmptyCache,
+        ..o
+    })
+    .await;
     let admin = bed.postgrest.admin_url();
-    let mut keys: Vec<(&str, &str)> = vec![("PGRST_GUARD_HEAL_DEADLINE_MS", "4000")];
-    if with_admin {
+    let mut keys: Vec<(&str, &str)> = vec![];
+    if uncured == Uncured::WithAdminUrl {
         keys.push(("PGRST_GUARD_UPSTREAM_ADMIN", admin.as_str()));
     }
     let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &keys).await;
-    bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    let _blocker = match uncured {
+        Uncured::EmptyCache => {
+            // Every reload from now on waits on the lock past its lock_timeout and fails.
+            let blocker = support::ReloadBlocker::hold(&bed.pg).await;
+            bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
+            let empty = support::client::eventually(Duration::from_secs(10), || async {
+                bed.http.get(&bed.url("/chat_messages")).await.code().as_deref() == Some("PGRST002")
+            })
+            .await;
+            assert!(empty || family == Family::V16, "the premise: an empty cache");
+            Some(blocker)
+        }
+        _ => {
+            bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+            None
+        }
+    };
+    if uncured == Uncured::EmptyCache && family == Family::V16 {
+        return; // v16 keeps its old cache when a reload fails: nothing to wait out.
+    }
+    let before = bed.postgrest.access_log_lines("POST /chat_messages");
     let mut tasks = Vec::new();
-    for i in 0..20 {
+    for i in 0..CLIENTS {
         let (http, url) = (bed.http.clone(), format!("{}/chat_messages", guard.url()));
         tasks.push(tokio::spawn(async move {
             http.post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":["a"]}}"#)).await
         }));
     }
+    if uncured == Uncured::Refused {
+        let answered = support::client::eventually(Duration::from_secs(5), || async {
+            bed.postgrest.access_log_lines("POST /chat_messages") - before >= CLIENTS
+        })
+        .await;
+        assert!(answered, "every client request reached PostgREST once");
+        bed.postgrest.stop().await;
+    }
     for task in tasks {
         let r = task.await.unwrap();
-        assert_eq!(r.code().as_deref(), Some("PGRST204"), "the stale error comes back: {}", r.text());
+        assert!(!r.status.is_success(), "nothing cures it: {}", r.text());
     }
+    let reached = bed.postgrest.access_log_lines("POST /chat_messages") - before;
     let metrics = guard.render_metrics();
-    let upstream: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("pgrst_guard_upstream_latency_seconds_count"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0);
-    let per_request = if with_admin && family.has_load_metrics() { 1 + 4 } else { 1 + 6 };
-    println!("{family:?} admin={with_admin}: 20 client requests cost PostgREST {upstream} requests");
-    assert!(upstream <= 20 * per_request, "{upstream} upstream requests for 20 client requests");
-    assert!(upstream >= 20);
-    assert!(guard.database.notifications_sent() >= 1, "the guard did try to heal");
+    // A stopped PostgREST logs nothing: what its port refused, the guard counts.
+    let refused = metric(&metrics, "pgrst_guard_upstream_requests_total{result=\"never_sent\"}") as usize;
+    let per_request = (reached + refused) as f64 / CLIENTS as f64;
+    println!("{family:?} {uncured:?}: {CLIENTS} client requests cost {reached} PostgREST requests and {refused} refused connections ({per_request:.1} each)");
+    assert!(reached >= CLIENTS);
+    assert!(
+        reached + refused <= CLIENTS * (1 + pgrst_guard::heal::budget::MAX_REPLAYS as usize),
+        "{reached} + {refused}"
+    );
+    if uncured == Uncured::Refused {
+        assert!(refused > 0, "the replays met a refused port");
+    }
+    assert_eq!(metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST204\",outcome=\"healed\"}"), 0);
 }
 
-family_matrix!(replays_per_request_are_bounded_with_the_admin_url, |family| upstream_requests_per_client_request(
-    family, true
+family_matrix!(the_budget_holds_with_the_admin_url, |family| upstream_requests_per_client_request(
+    family,
+    Uncured::WithAdminUrl
 ));
-family_matrix!(replays_per_request_are_bounded_without_the_admin_url, |family| {
-    upstream_requests_per_client_request(family, false)
-});
+family_matrix!(the_budget_holds_without_the_admin_url, |family| upstream_requests_per_client_request(
+    family,
+    Uncured::WithoutAdminUrl
+));
+family_matrix!(the_budget_holds_for_an_empty_cache, |family| upstream_requests_per_client_request(
+    family,
+    Uncured::EmptyCache
+));
+#[tokio::test]
+async fn the_budget_holds_when_postgrest_is_gone() {
+    upstream_requests_per_client_request(Family::V14, Uncured::Refused).await
+}
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
 

@@ -287,10 +287,7 @@ impl<'a, S> Heal<'a, S> {
             _ => true,
         };
         match self.service.coordinator.join_or_start(self.sent_at, self.budget.deadline(), rule, still_wanted).await {
-            Ok((ticket, started)) => {
-                if started {
-                    self.service.metrics.notify_sent();
-                }
+            Ok((ticket, _)) => {
                 self.ticket = Some(ticket);
                 self.attempt = 0;
                 State::Wait

@@ -25,8 +25,8 @@ use super::load_counter::LoadCounter;
 
 /// Once others have been heard on the channel this recently, this guard pauses before its NOTIFY.
 const FLEET_MEMORY: Duration = Duration::from_secs(600);
-/// The longest such pause (jittered from none to this).
-const FLEET_JITTER: Duration = Duration::from_millis(120);
+/// The longest such pause (drawn at random from none to this, once per burst for the whole guard).
+const FLEET_JITTER: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug)]
 pub struct WaitSettings {
@@ -59,6 +59,9 @@ struct FlightLog {
     last_notify: Option<Instant>,
     /// When a NOTIFY from somebody else was last seen.
     others_heard: Option<Instant>,
+    /// Until when this guard holds back its NOTIFY for the burst under way, so that another guard's
+    /// can come first.
+    paused_until: Option<Instant>,
 }
 
 impl FlightLog {
@@ -176,8 +179,10 @@ impl ReloadCoordinator {
 
     /// Somebody else's NOTIFY: a flight of its own unless one is pending already.
     fn observe_reload(&self, seen: Instant) {
+        tracing::debug!("a reload NOTIFY from somebody else");
         let mut log = self.log.lock().expect("flight log");
         log.others_heard = Some(seen);
+        log.paused_until = None;
         log.retire(self.settings.deadline);
         if log.pending.is_none() {
             log.pending = Some(self.launch(Origin::Observed(seen)));
@@ -213,31 +218,39 @@ impl ReloadCoordinator {
         rule: JoinRule,
         still_wanted: impl Fn() -> bool,
     ) -> Result<(Ticket, bool), ReloadError> {
-        let mut paused_for_others = false;
         loop {
             let wait_until = {
                 let mut log = self.log.lock().expect("flight log");
                 log.retire(self.settings.deadline);
                 if let Some(ticket) = log.existing(sent_at, rule) {
+                    // Somebody's reload came first: this burst's pause is over.
+                    log.paused_until = None;
                     return Ok((ticket, false));
                 }
-                let allowed = log.last_notify.map_or_else(Instant::now, |last| last + self.settings.min_interval);
+                let now = Instant::now();
+                let allowed = log.last_notify.map_or(now, |last| last + self.settings.min_interval);
                 let others_recently = log.others_heard.is_some_and(|heard| heard.elapsed() < FLEET_MEMORY);
-                if allowed <= Instant::now() && (paused_for_others || !others_recently) {
+                // Guards failing at the same instant: one pause for this guard's whole burst, drawn at
+                // random, so that the first guard's NOTIFY is seen by the others before they send.
+                let pause = match log.paused_until {
+                    Some(until) => Some(until),
+                    _ if others_recently => {
+                        let until = now + Duration::from_nanos(random_u64() % FLEET_JITTER.as_nanos() as u64);
+                        log.paused_until = Some(until);
+                        Some(until)
+                    }
+                    _ => None,
+                };
+                let ready_at = pause.map_or(allowed, |pause| pause.max(allowed));
+                if ready_at <= now {
                     // Counted against the budget before the NOTIFY is sent, in the flight's own task.
-                    log.last_notify = Some(Instant::now());
+                    log.last_notify = Some(now);
+                    log.paused_until = None;
                     let flight = self.launch(Origin::Ours);
                     log.pending = Some(flight.clone());
                     return Ok((Ticket::Flight(flight), true));
                 }
-                if allowed <= Instant::now() {
-                    // Guards failing at the same instant: one pause each, at random, so that the
-                    // first NOTIFY is seen by the others before they send their own.
-                    paused_for_others = true;
-                    Instant::now() + Duration::from_nanos(random_u64() % FLEET_JITTER.as_nanos() as u64)
-                } else {
-                    allowed
-                }
+                ready_at
             };
             if wait_until >= deadline {
                 return Err(ReloadError::Deadline);

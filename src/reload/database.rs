@@ -116,6 +116,17 @@ pub struct DatabaseHealth {
     pub reconnects: BTreeMap<ReconnectCause, u64>,
 }
 
+/// Who may send the next reload NOTIFY among guards on one database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This guard: send it.
+    Ours,
+    /// Another guard is sending one right now: expect it.
+    Taken,
+    /// No coordination possible (LISTEN not proved, or the database did not answer): send it.
+    NotCoordinated,
+}
+
 /// A reload request someone else sent on PostgREST's channel.
 #[derive(Clone, Copy, Debug)]
 pub struct ObservedReload {
@@ -172,6 +183,8 @@ pub struct Database {
     own_pid: AtomicI32,
     sent: AtomicU64,
     seen: AtomicU64,
+    /// When a reload NOTIFY from somebody else was last seen.
+    last_seen: Mutex<Option<Instant>>,
     observed: broadcast::Sender<ObservedReload>,
     runtime: Handle,
 }
@@ -202,6 +215,7 @@ impl Database {
             own_pid: AtomicI32::new(0),
             sent: AtomicU64::new(0),
             seen: AtomicU64::new(0),
+            last_seen: Mutex::new(None),
             observed,
             runtime: Handle::current(),
         });
@@ -242,6 +256,47 @@ impl Database {
     /// Reload requests from others seen on the channel.
     pub fn notifications_seen(&self) -> u64 {
         self.seen.load(Ordering::Acquire)
+    }
+
+    /// When a reload NOTIFY from somebody else was last seen.
+    pub fn last_seen(&self) -> Option<Instant> {
+        *self.last_seen.lock().expect("last seen lock")
+    }
+
+    pub fn notify_counts(&self) -> crate::metrics::NotifyCounts {
+        crate::metrics::NotifyCounts { sent: self.notifications_sent(), seen: self.notifications_seen() }
+    }
+
+    /// Claims the right to send the next reload NOTIFY among the guards on this database, for as
+    /// long as this connection holds it: a session advisory lock, tried without waiting. Only where
+    /// LISTEN is proved (a direct or session-pooled connection): through a transaction pooler a
+    /// session lock could stay behind on a backend the guard no longer reaches.
+    pub async fn claim_reload(&self, deadline: Instant) -> Claim {
+        if !self.hears_others() {
+            return Claim::NotCoordinated;
+        }
+        let key = self.claim_key();
+        match self.query(deadline, "SELECT pg_try_advisory_lock($1)", &[(&key, Type::INT8)]).await {
+            Ok(rows) if rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()) == Some(true) => Claim::Ours,
+            Ok(_) => Claim::Taken,
+            Err(_) => Claim::NotCoordinated,
+        }
+    }
+
+    /// Lets the claim go (on whichever connection is current: a replaced one took it along).
+    pub async fn release_claim(&self, deadline: Instant) {
+        let key = self.claim_key();
+        let _ = self.query(deadline, "SELECT pg_advisory_unlock($1)", &[(&key, Type::INT8)]).await;
+    }
+
+    /// The advisory lock key of PostgREST's channel, the same in every guard.
+    fn claim_key(&self) -> i64 {
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in "pgrst-guard reload ".bytes().chain(self.settings.channel.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        hash as i64
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ObservedReload> {
@@ -503,6 +558,7 @@ impl Database {
             return;
         }
         self.seen.fetch_add(1, Ordering::AcqRel);
+        *self.last_seen.lock().expect("last seen lock") = Some(Instant::now());
         tracing::debug!(sender_pid = pid, "saw a schema reload request on the channel");
         let _ = self.observed.send(ObservedReload { sender_pid: pid });
     }

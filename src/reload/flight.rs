@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::database::Database;
+use super::database::{Claim, Database};
 use super::load_counter::{LoadCounter, ProbeError};
 
 /// PostgREST's debounce cool-down between two loads.
@@ -25,6 +25,12 @@ const OBSERVED_GRACE: Duration = Duration::from_millis(250);
 /// An admin server refused this many polls in a row is gone (the old process of a hand-over): the
 /// flight's waiters fall back to back-off replays instead of waiting for it.
 const GONE_AFTER_REFUSALS: u32 = 3;
+/// A guard that claimed the next NOTIFY among guards keeps the claim this long after sending it, so
+/// that guards failing just after it expect its NOTIFY instead of sending their own.
+const CLAIM_HOLD: Duration = Duration::from_millis(250);
+/// How long a guard that found the claim taken waits to see the other guard's NOTIFY before it
+/// sends its own after all (the claim's holder may be gone).
+const CLAIM_WAIT: Duration = Duration::from_millis(400);
 
 /// Who asked for the reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,14 +225,41 @@ async fn fly(
         }
     };
     if origin == Origin::Ours {
-        let sending = Instant::now();
-        if let Err(e) = database.notify_reload(deadline).await {
-            let reason: Arc<str> = e.to_string().into();
-            tracing::warn!(error = %reason, "reload NOTIFY failed");
-            publish(&flight, |p| p.failed = Some(reason));
-            return;
+        let launched = Instant::now();
+        let claim = database.claim_reload(deadline).await;
+        let expected = match claim {
+            Claim::Taken => {
+                let since = launched.checked_sub(CLAIM_HOLD).unwrap_or(launched);
+                wait_for_foreign_notify(&database, since, deadline.min(launched + CLAIM_WAIT)).await
+            }
+            Claim::Ours | Claim::NotCoordinated => None,
+        };
+        match expected {
+            Some(seen) => {
+                // Another guard's NOTIFY, sent for the same burst: this flight waits on it.
+                tracing::info!(channel = %database.channel(), "another guard sent the reload NOTIFY; joining it");
+                publish(&flight, |p| p.notified_at = Some(seen));
+            }
+            None => {
+                let sending = Instant::now();
+                let sent = database.notify_reload(deadline).await;
+                if claim == Claim::Ours {
+                    let database = database.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CLAIM_HOLD).await;
+                        database.release_claim(Instant::now() + CLAIM_HOLD).await;
+                    });
+                }
+                if let Err(e) = sent {
+                    let reason: Arc<str> = e.to_string().into();
+                    tracing::warn!(error = %reason, "reload NOTIFY failed");
+                    publish(&flight, |p| p.failed = Some(reason));
+                    return;
+                }
+                tracing::info!(channel = %database.channel(), "reload NOTIFY sent");
+                publish(&flight, |p| p.notified_at = Some(sending));
+            }
         }
-        publish(&flight, |p| p.notified_at = Some(sending));
     }
     if instances.is_empty() {
         return;
@@ -253,6 +286,19 @@ async fn fly(
         if !alive || rises >= 2 {
             return;
         }
+    }
+}
+
+/// When a NOTIFY from somebody else, seen after `since`, arrives by `until`.
+async fn wait_for_foreign_notify(database: &Database, since: Instant, until: Instant) -> Option<Instant> {
+    loop {
+        if let Some(seen) = database.last_seen().filter(|seen| *seen >= since) {
+            return Some(seen);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -101,3 +101,75 @@ impl NotifyCounter {
         self.count()
     }
 }
+
+/// pgrst-guard as its own process (the built binary), as users run it: for what needs separate
+/// processes (a fleet of guards, memory and descriptor counts). Killed on drop.
+pub struct GuardProcess {
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl GuardProcess {
+    /// Starts the binary with these `PGRST_GUARD_*` variables (listen and admin addresses are
+    /// chosen here) and waits until its admin `/healthz` answers.
+    pub async fn start(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> GuardProcess {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
+        let mut command = std::process::Command::new(
+            option_env!("CARGO_BIN_EXE_pgrst-guard").expect("only integration tests start the binary"),
+        );
+        command
+            .env_clear()
+            .env("PGRST_GUARD_LISTEN", addr.to_string())
+            .env("PGRST_GUARD_ADMIN_LISTEN", admin.to_string())
+            .env("PGRST_GUARD_UPSTREAM", upstream)
+            .env("PGRST_GUARD_DB_URI", db_uri)
+            .envs(extra.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        let log = std::env::temp_dir().join(format!("pgrst-guard-process-{}.log", addr.port()));
+        match std::fs::File::create(&log) {
+            Ok(file) => command.stderr(file),
+            Err(_) => command.stderr(std::process::Stdio::null()),
+        };
+        let child = command.spawn().expect("start pgrst-guard");
+        let guard = GuardProcess { addr, admin, child };
+        let http = super::client::HttpClient::new();
+        let healthz = format!("http://{admin}/healthz");
+        let up = super::client::eventually(std::time::Duration::from_secs(10), || async {
+            http.try_send(http::Method::GET, &healthz, &[], bytes::Bytes::new()).await.is_ok()
+        })
+        .await;
+        assert!(up, "pgrst-guard did not start");
+        guard
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(std::env::temp_dir().join(format!("pgrst-guard-process-{}.log", self.addr.port())))
+            .unwrap_or_default()
+    }
+
+    /// The process's `/readyz` as JSON.
+    pub async fn readyz(&self) -> serde_json::Value {
+        super::client::HttpClient::new().get(&format!("http://{}/readyz", self.admin)).await.json()
+    }
+}
+
+impl Drop for GuardProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ =
+            std::fs::remove_file(std::env::temp_dir().join(format!("pgrst-guard-process-{}.log", self.addr.port())));
+    }
+}

@@ -71,6 +71,8 @@ pub struct PostgrestOptions {
     pub channel_enabled: bool,
     pub jwt_secret: Option<String>,
     pub pool_size: u32,
+    /// `info` writes one access-log line per request (see [`RealPostgrest::access_log_lines`]).
+    pub log_level: &'static str,
     /// Listen on this port with `server-reuseport` (v16): several processes share it, as in a
     /// hand-over from an old process to a new one.
     pub shared_port: Option<u16>,
@@ -86,6 +88,7 @@ impl PostgrestOptions {
             channel_enabled: true,
             jwt_secret: None,
             pool_size: 10,
+            log_level: "error",
             shared_port: None,
         }
     }
@@ -117,8 +120,13 @@ impl RealPostgrest {
         let mut config = format!(
             "db-uri = \"{}\"\ndb-schemas = \"{}\"\ndb-anon-role = \"anon\"\ndb-channel = \"{}\"\n\
              db-channel-enabled = {}\ndb-pool = {}\nserver-host = \"127.0.0.1\"\nserver-port = {port}\n\
-             admin-server-port = {admin_port}\nlog-level = \"error\"\n",
-            options.db_uri, options.schemas, options.channel, options.channel_enabled, options.pool_size
+             admin-server-port = {admin_port}\nlog-level = \"{}\"\n",
+            options.db_uri,
+            options.schemas,
+            options.channel,
+            options.channel_enabled,
+            options.pool_size,
+            options.log_level
         );
         if family >= Family::V13 {
             config.push_str("admin-server-host = \"127.0.0.1\"\n");
@@ -225,6 +233,12 @@ impl RealPostgrest {
             }
             None => tokio::time::sleep(Duration::from_millis(500)).await,
         }
+    }
+
+    /// Requests PostgREST itself logged (with `log_level: "info"`) whose request line starts with
+    /// `request`, e.g. `POST /chat_messages`.
+    pub fn access_log_lines(&self, request: &str) -> usize {
+        self.log().lines().filter(|line| line.contains(&format!("\"{request}"))).count()
     }
 
     pub fn log(&self) -> String {

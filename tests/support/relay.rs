@@ -34,6 +34,11 @@ struct Faults {
     /// Connections numbered below this get no notifications any more.
     deafened_below: AtomicU64,
     next_connection: AtomicU64,
+    refused: AtomicU64,
+    /// Every chunk waits this long (milliseconds) before it is passed on: a slow network.
+    delay_ms: AtomicU64,
+    /// Connections numbered below this are closed (both ways).
+    cut_below: tokio::sync::watch::Sender<u64>,
     /// The backends speak PostgreSQL's protocol, read message by message from the server.
     postgres: bool,
 }
@@ -63,6 +68,7 @@ impl Relay {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if shared.refusing.load(Ordering::Acquire) {
+                    shared.refused.fetch_add(1, Ordering::AcqRel);
                     drop(client);
                     continue;
                 }
@@ -88,9 +94,23 @@ impl Relay {
         self.faults.stalled.store(stalled, Ordering::Release);
     }
 
-    /// New connections are closed as soon as they are accepted.
+    /// New connections are closed as soon as they are accepted, and so are the open ones (as when
+    /// the process behind is gone).
     pub fn refuse(&self, refusing: bool) {
         self.faults.refusing.store(refusing, Ordering::Release);
+        if refusing {
+            self.faults.cut_below.send_replace(self.faults.next_connection.load(Ordering::Acquire));
+        }
+    }
+
+    /// Every chunk, either way, waits `delay` before it is passed on (a database far away).
+    pub fn delay(&self, delay: Duration) {
+        self.faults.delay_ms.store(delay.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Connections relayed, and connections refused, so far.
+    pub fn connections(&self) -> (u64, u64) {
+        (self.faults.next_connection.load(Ordering::Acquire), self.faults.refused.load(Ordering::Acquire))
     }
 
     /// Every connection open now stops passing bytes for good, and stays open; new ones work.
@@ -125,13 +145,21 @@ async fn pump(
     let mut buffer = vec![0u8; 16 * 1024];
     // Server bytes not yet forwarded: whole messages go out, a partial one waits here.
     let mut pending: Vec<u8> = Vec::new();
+    let mut cut = faults.cut_below.subscribe();
     loop {
-        let n = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = cut.wait_for(|below| number < *below) => return,
         };
         while faults.stalled.load(Ordering::Acquire) || number < faults.blackholed_below.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let delay = faults.delay_ms.load(Ordering::Acquire);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let out: Vec<u8> = if from_server && faults.postgres {
             pending.extend_from_slice(&buffer[..n]);
