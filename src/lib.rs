@@ -169,6 +169,7 @@ impl RunningGuard {
         let coordinator = ReloadCoordinator::start(database.clone(), load_counters, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
+            replay_memory: heal::replay_body::ReplayMemory::new(config.replay_memory_limit),
             deadline: config.heal_deadline,
             backoff: config.retry_backoff,
             default_schema: config.db_schemas[0].clone(),
@@ -191,6 +192,8 @@ impl RunningGuard {
         // own upstream connection pool: no work stealing and no shared pool lock on the request path.
         server::ensure_free(config.listen)?;
         let first = server::bind_reusable(config.listen)?;
+        // After the address is ours: a guard that cannot listen says only that.
+        server::raise_open_files_limit(config.max_connections);
         let addr = first.local_addr()?;
         let mut first = Some(first.into_std()?);
         let mut workers = Vec::new();

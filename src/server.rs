@@ -6,7 +6,6 @@
 //! refusal, no 408 for a slow request head and no idle close shared with WebSocket tunnels.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -76,7 +75,7 @@ pub async fn serve<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size((limits.max_header_bytes + 16 * 1024).max(64 * 1024))
+        .max_buf_size(limits.max_header_bytes + 8 * 1024)
         .max_headers(1000);
     builder
         .http2()
@@ -117,22 +116,24 @@ pub async fn serve<S>(
             }
             continue;
         };
-        // A second handle on the socket, to answer 408 after hyper gives up on a slow request head.
-        let Some((stream, spare)) = with_spare_handle(stream) else { continue };
         // The slot is shared with a WebSocket tunnel the connection may turn into, so that the
         // tunnel counts against the connection cap for as long as it lives.
         let slot = ConnectionSlot(Arc::new(permit));
         let activity = Arc::new(Activity::new());
+        // Set before the connection is dropped, written as the socket closes: the 408 for a request
+        // head that never came (hyper gives up on it without an answer).
+        let last_words = Arc::new(std::sync::OnceLock::new());
+        let socket = ClientSocket { stream, activity: activity.clone(), last_words: last_words.clone() };
         let per_request =
             request_service(service.clone(), metrics.clone(), peer, limits.clone(), slot.clone(), activity.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), per_request).into_owned();
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), per_request).into_owned();
         let (mut stop, idle) = (shutdown.clone(), limits.idle_timeout);
         open.spawn(async move {
             tokio::pin!(connection);
             let mut closing = false;
             let ended = loop {
                 tokio::select! {
-                    ended = connection.as_mut() => break ended,
+                    ended = connection.as_mut() => break Some(ended),
                     _ = stopped(&mut stop), if !closing => {
                         connection.as_mut().graceful_shutdown();
                         closing = true;
@@ -141,16 +142,21 @@ pub async fn serve<S>(
                         connection.as_mut().graceful_shutdown();
                         closing = true;
                     }
+                    // A client that stopped reading what it asked for holds no slot forever.
+                    _ = activity.write_stalled_for(idle) => {
+                        tracing::debug!(idle_ms = idle.as_millis() as u64, "closing a connection whose reader stalled");
+                        break None;
+                    }
                 }
             };
-            if let Err(e) = ended {
+            if let Some(Err(e)) = ended {
                 if is_header_timeout(e.as_ref()) {
-                    let answer = GuardError::new(GuardErrorKind::HeaderTimeout, "").to_http1_bytes();
-                    let _ = (&spare).write(&answer);
+                    let _ = last_words.set(GuardError::new(GuardErrorKind::HeaderTimeout, "").to_http1_bytes());
                 } else {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             }
+            // The connection (and with it the socket, writing any last words) ends with this task.
             drop(slot);
         });
     }
@@ -177,18 +183,55 @@ const MAX_CONCURRENT_REFUSALS: usize = 32;
 #[derive(Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
-/// Requests in flight on a connection and when the last one began or ended, in atomics: two per
-/// request, no lock.
+/// Requests in flight on a connection and when the last one began or ended, and since when writing
+/// to the client has been blocked, in atomics: two per request, none per write that goes through.
 struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds from `epoch` to the last beginning or end of a request.
     last_ms: AtomicU64,
+    /// 1 + milliseconds from `epoch` to when a write to the client last found its buffer full and
+    /// nothing has gone out since; 0 while writes go through.
+    write_blocked_ms: AtomicU64,
     epoch: Instant,
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { in_flight: AtomicUsize::new(0), last_ms: AtomicU64::new(0), epoch: Instant::now() }
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            write_blocked_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn write_blocked(&self) {
+        if self.write_blocked_ms.load(Ordering::Acquire) == 0 {
+            self.write_blocked_ms.store(1 + self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        }
+    }
+
+    fn write_went_through(&self) {
+        if self.write_blocked_ms.load(Ordering::Acquire) != 0 {
+            self.write_blocked_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// Resolves once writing to the client has been blocked, with nothing going out, for `stall`.
+    async fn write_stalled_for(&self, stall: Duration) {
+        loop {
+            let blocked = self.write_blocked_ms.load(Ordering::Acquire);
+            let wake = if blocked == 0 {
+                Instant::now() + stall
+            } else {
+                let since = self.epoch + Duration::from_millis(blocked - 1);
+                if since.elapsed() >= stall {
+                    return;
+                }
+                since + stall
+            };
+            tokio::time::sleep_until(wake).await;
+        }
     }
 
     fn touch(&self) {
@@ -348,15 +391,113 @@ async fn refuse_connection(stream: TcpStream) {
     let _ = builder.serve_connection(TokioIo::new(stream), refuse).await;
 }
 
-fn with_spare_handle(stream: TcpStream) -> Option<(TcpStream, std::net::TcpStream)> {
-    let std_stream = stream.into_std().ok()?;
-    let spare = std_stream.try_clone().ok()?;
-    let stream = TcpStream::from_std(std_stream).ok()?;
-    Some((stream, spare))
+// === impl ClientSocket ===
+
+/// A client's socket as hyper serves it: the one descriptor of the connection. It tells the
+/// connection's [`Activity`] when writing blocks (a client that stopped reading) and goes through
+/// again, and writes `last_words`, if any, as it closes.
+struct ClientSocket {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    last_words: Arc<std::sync::OnceLock<Vec<u8>>>,
+}
+
+impl tokio::io::AsyncRead for ClientSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl ClientSocket {
+    fn track<T>(&self, written: std::task::Poll<T>) -> std::task::Poll<T> {
+        match written {
+            std::task::Poll::Pending => self.activity.write_blocked(),
+            std::task::Poll::Ready(_) => self.activity.write_went_through(),
+        }
+        written
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.track(written)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.track(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Drop for ClientSocket {
+    fn drop(&mut self) {
+        if let Some(answer) = self.last_words.get() {
+            // Small enough for the socket's send buffer: one try, no waiting.
+            let _ = self.stream.try_write(answer);
+        }
+    }
 }
 
 fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     crate::error::causes(error).any(|cause| cause.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout))
+}
+
+/// Raises the open-files limit to its hard limit (systemd's default soft limit, 1,024, holds about 500
+/// proxied connections) and says at start when `max_connections` cannot fit: each connection holds
+/// one descriptor, and one more while a request of it is with PostgREST. Returns the limit.
+pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+    if limit.current != limit.maximum {
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    let needed = max_connections as u64 * 2 + 64;
+    match now {
+        Some(available) if available < needed => tracing::warn!(
+            available,
+            needed,
+            "PGRST_GUARD_MAX_CONNECTIONS ({max_connections}) needs about {needed} open files (two per busy connection), \
+             but the limit is {available}: raise it (LimitNOFILE= under systemd, ulimit -n, --ulimit in Docker) or \
+             lower PGRST_GUARD_MAX_CONNECTIONS"
+        ),
+        _ => tracing::debug!(limit = ?now, "open-files limit"),
+    }
+    now
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

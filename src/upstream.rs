@@ -278,14 +278,16 @@ async fn tunnel(
     let (mut from_client, mut from_upstream) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
     loop {
         // The sleep is made anew each turn: any byte either way resets the idle clock.
+        // A side that stops reading holds the tunnel no longer than an idle one: each write is
+        // bounded too.
         tokio::select! {
             read = client_read.read(&mut from_client) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if upstream_write.write_all(&from_client[..n]).await.is_err() { break },
+                Ok(n) => if !matches!(tokio::time::timeout(idle, upstream_write.write_all(&from_client[..n])).await, Ok(Ok(()))) { break },
             },
             read = upstream_read.read(&mut from_upstream) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if client_write.write_all(&from_upstream[..n]).await.is_err() { break },
+                Ok(n) => if !matches!(tokio::time::timeout(idle, client_write.write_all(&from_upstream[..n])).await, Ok(Ok(()))) { break },
             },
             _ = tokio::time::sleep(idle) => {
                 tracing::debug!(idle_ms = idle.as_millis() as u64, "closing an idle tunnel");
@@ -293,7 +295,8 @@ async fn tunnel(
             }
         }
     }
-    let _ = tokio::join!(client_write.shutdown(), upstream_write.shutdown());
+    let _ =
+        tokio::time::timeout(idle, async { tokio::join!(client_write.shutdown(), upstream_write.shutdown()) }).await;
     drop(slot);
 }
 

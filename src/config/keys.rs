@@ -73,6 +73,12 @@ pub const KEYS: &[Key] = &[
         "largest request body (bytes) kept for a replay; bigger ones stream through unhealed",
     ),
     key(
+        "PGRST_GUARD_REPLAY_MEMORY_LIMIT",
+        "replay_memory_limit",
+        Some("268435456"),
+        "bytes all kept replay copies may hold together; past it bodies stream through unhealed",
+    ),
+    key(
         "PGRST_GUARD_RETRY_BACKOFF_MS",
         "retry_backoff_ms",
         Some("25"),

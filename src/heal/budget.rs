@@ -14,9 +14,16 @@ pub const MAX_REPLAYS: u32 = 6;
 /// that surely began after its failure.
 pub const MAX_RELOADS: u32 = 2;
 
+/// The part of the deadline kept for the last replay to be answered in: no replay starts later
+/// than this fraction of the deadline before its end (a replay unanswered at the deadline can only
+/// be answered "sent, outcome unknown").
+const REPLAY_WINDOW_DIVISOR: u32 = 10;
+
 #[derive(Debug)]
 pub struct Budget {
     deadline: Instant,
+    /// No replay starts after this.
+    last_replay_start: Instant,
     replays_left: u32,
     reloads_left: u32,
 }
@@ -24,11 +31,22 @@ pub struct Budget {
 impl Budget {
     /// A heal that began at `started` and may last `deadline`.
     pub fn new(started: Instant, deadline: Duration) -> Budget {
-        Budget { deadline: started + deadline, replays_left: MAX_REPLAYS, reloads_left: MAX_RELOADS }
+        Budget {
+            deadline: started + deadline,
+            last_replay_start: started + deadline - deadline / REPLAY_WINDOW_DIVISOR,
+            replays_left: MAX_REPLAYS,
+            reloads_left: MAX_RELOADS,
+        }
     }
 
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// The end of every wait that comes before a replay: the deadline, less the time kept for the
+    /// replay's answer.
+    pub fn last_replay_start(&self) -> Instant {
+        self.last_replay_start
     }
 
     pub fn expired(&self) -> bool {
@@ -37,7 +55,7 @@ impl Budget {
 
     /// One more upstream request, if the budget and the deadline allow it.
     pub fn take_replay(&mut self) -> bool {
-        if self.replays_left == 0 || self.expired() {
+        if self.replays_left == 0 || Instant::now() > self.last_replay_start {
             return false;
         }
         self.replays_left -= 1;

@@ -29,8 +29,11 @@ use crate::reload::flight::{backoff_wait, Completion, Wait};
 use crate::reload::{CatalogAnswer, CatalogReply, Ticket};
 use crate::upstream::{NeverReachedUpstream, OutcomeUnknown};
 
-/// Replays a reload that may predate the migration offers, on back-off: they span about a second.
-const JOINED_REPLAYS: u32 = 4;
+/// Replays a reload that may predate the migration offers (on back-off, about 100 ms); then one of
+/// our own, with the rest of the budget. One somebody else asked for offers four (about a second):
+/// it is most often the migration's own (Supabase's event trigger NOTIFYs at the DDL's commit).
+const JOINED_REPLAYS: u32 = 2;
+const JOINED_REPLAYS_OBSERVED: u32 = 4;
 /// Replays after a reload that surely saw the object was seen to finish on every instance the guard
 /// watches: enough for an instance it does not watch (a replica behind the same balancer, reloading
 /// on the same NOTIFY) to finish too, about 100 ms.
@@ -315,11 +318,10 @@ impl<'a, S> Heal<'a, S> {
         let ready = match &ticket {
             Ticket::AlreadyReloaded(_) if self.attempt == 1 => Wait::Ready,
             Ticket::AlreadyReloaded(_) => Wait::Exhausted,
-            // A reload that may predate the migration offers two replays once its end is seen (four
-            // on back-off, about a second); then one of our own.
-            Ticket::Flight(flight) if self.attempt > JOINED_REPLAYS && !self.covers(flight) => Wait::Exhausted,
+            // A reload that may predate the migration offers two replays; then one of our own.
+            Ticket::Flight(flight) if self.attempt > joined_replays(flight) && !self.covers(flight) => Wait::Exhausted,
             Ticket::Flight(flight) => {
-                flight.wait(self.attempt, self.service.policy.backoff, self.budget.deadline()).await
+                flight.wait(self.attempt, self.service.policy.backoff, self.budget.last_replay_start()).await
             }
         };
         match ready {
@@ -356,7 +358,7 @@ impl<'a, S> Heal<'a, S> {
             return State::Done(HealOutcome::GaveUp);
         }
         self.backoffs += 1;
-        match backoff_wait(self.backoffs, self.service.policy.backoff, self.budget.deadline()).await {
+        match backoff_wait(self.backoffs, self.service.policy.backoff, self.budget.last_replay_start()).await {
             Wait::Ready => State::Replay,
             _ => State::Done(HealOutcome::GaveUp),
         }
@@ -364,7 +366,7 @@ impl<'a, S> Heal<'a, S> {
 
     async fn back_off(&mut self) -> State {
         self.backoffs += 1;
-        match backoff_wait(self.backoffs, self.service.policy.backoff, self.budget.deadline()).await {
+        match backoff_wait(self.backoffs, self.service.policy.backoff, self.budget.last_replay_start()).await {
             Wait::Ready => State::Replay,
             _ => State::Done(HealOutcome::GaveUp),
         }
@@ -527,6 +529,13 @@ impl<'a, S> Heal<'a, S> {
             "heal"
         );
         self.last
+    }
+}
+
+fn joined_replays(flight: &crate::reload::Flight) -> u32 {
+    match flight.origin {
+        crate::reload::flight::Origin::Observed(_) => JOINED_REPLAYS_OBSERVED,
+        crate::reload::flight::Origin::Ours => JOINED_REPLAYS,
     }
 }
 

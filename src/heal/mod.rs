@@ -24,6 +24,7 @@
 //!
 //! let policy = HealPolicy {
 //!     replay_body_limit: 1 << 20,
+//!     replay_memory: pgrst_guard::heal::replay_body::ReplayMemory::new(256 << 20),
 //!     deadline: std::time::Duration::from_secs(10),
 //!     backoff: std::time::Duration::from_millis(25),
 //!     default_schema: "public".to_string(),

@@ -15,7 +15,7 @@ use tower::{Service, ServiceExt};
 use super::budget::Budget;
 use super::classify::{self, RequestFacts, Verdict};
 use super::machine::{verdict_code, Heal, HealOutcome};
-use super::replay_body::ReplayBody;
+use super::replay_body::{ReplayBody, ReplayMemory};
 use crate::body::{GuardBody, GuardFuture};
 use crate::forwarded::ClientAddr;
 use crate::metrics::Metrics;
@@ -26,6 +26,9 @@ pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
 #[derive(Clone, Debug)]
 pub struct HealPolicy {
     pub replay_body_limit: usize,
+    /// The bytes all kept copies may hold together (`PGRST_GUARD_REPLAY_MEMORY_LIMIT`), shared by
+    /// every worker.
+    pub replay_memory: Arc<ReplayMemory>,
     pub deadline: Duration,
     /// First back-off where a reload's end cannot be observed; grows to 1 s.
     pub backoff: Duration,
@@ -159,7 +162,7 @@ impl<S> HealService<S> {
             headers: parts.headers.clone(),
             client: parts.extensions.get::<ClientAddr>().cloned(),
         };
-        let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit);
+        let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit, &self.policy.replay_memory);
         let sent_at = Instant::now();
         let first = self.send(Request::from_parts(parts, body)).await;
         // Most answers are decided by their head alone; reading an error body and healing are the

@@ -117,7 +117,9 @@ impl GuardProcess {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
         let mut command = std::process::Command::new(
-            option_env!("CARGO_BIN_EXE_pgrst-guard").expect("only integration tests start the binary"),
+            // Set for integration tests; the examples that share this module never start the binary.
+            option_env!("CARGO_BIN_EXE_pgrst-guard")
+                .unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/pgrst-guard")),
         );
         command
             .env_clear()

@@ -11,6 +11,7 @@ pub mod pgbouncer;
 pub mod pki;
 pub mod postgrest;
 pub mod relay;
+pub mod stale_upstream;
 
 use std::time::Duration;
 
