@@ -175,46 +175,48 @@ where
             // client learns only whether its request may have run.
             Ok(Err(e)) if e.is_connect() => {
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream connect failed");
-                self.count_failure("never_sent");
-                let mut response = GuardError::new(
+                let error = GuardError::new(
                     GuardErrorKind::UpstreamUnreachable,
                     "The connection to PostgREST could not be made.",
-                )
-                .into_response_for(origin.as_ref());
-                response.extensions_mut().insert(NeverReachedUpstream);
-                response
+                );
+                self.failed("never_sent", error, NeverReachedUpstream, origin.as_ref())
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream request failed after it was sent");
-                self.count_failure("no_answer");
-                let mut response = GuardError::new(
+                let error = GuardError::new(
                     GuardErrorKind::OutcomeUnknown,
                     "The connection to PostgREST broke before its answer.",
-                )
-                .into_response_for(origin.as_ref());
-                response.extensions_mut().insert(OutcomeUnknown);
-                response
+                );
+                self.failed("no_answer", error, OutcomeUnknown, origin.as_ref())
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.upstream, timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
-                self.count_failure("timeout");
-                let mut response = GuardError::new(
+                let error = GuardError::new(
                     GuardErrorKind::UpstreamTimeout,
                     format!("No answer within {} ms.", self.response_timeout.as_millis()),
-                )
-                .into_response_for(origin.as_ref());
-                response.extensions_mut().insert(OutcomeUnknown);
-                response
+                );
+                self.failed("timeout", error, OutcomeUnknown, origin.as_ref())
             }
         }
     }
 }
 
 impl<B> ForwarderParts<B> {
-    fn count_failure(&self, result: &'static str) {
+    /// The guard's answer for a request PostgREST did not answer, counted by `result` and marked
+    /// with what the heal needs to know of it (`marker`: was it sent?).
+    fn failed<M: Clone + Send + Sync + 'static>(
+        &self,
+        result: &'static str,
+        error: GuardError,
+        marker: M,
+        origin: Option<&HeaderValue>,
+    ) -> Response<GuardBody> {
         if let Some(metrics) = &self.metrics {
             metrics.upstream_failed(result);
         }
+        let mut response = error.into_response_for(origin);
+        response.extensions_mut().insert(marker);
+        response
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use support::client::eventually;
-use support::guard::{start_guard, NotifyCounter};
+use support::guard::start_guard;
 use support::postgrest::Family;
 use support::relay::Relay;
 use support::RealBed;
@@ -41,12 +41,7 @@ async fn heal_new_column(
 family_matrix!(a_silently_dropped_connection_is_replaced_and_heals_go_on, |family: Family| async move {
     let bed = RealBed::start(family, CHAT).await;
     let relay = Relay::postgres(format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &relay.pg_uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url()), ("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")],
-    )
-    .await;
+    let guard = bed.guard(&relay.pg_uri("postgres"), &[("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")]).await;
     assert_eq!(heal_new_column(&bed, &guard, "first").await.0, 201);
 
     relay.blackhole_open();
@@ -72,12 +67,7 @@ family_matrix!(a_silently_dropped_connection_is_replaced_and_heals_go_on, |famil
 async fn an_idle_dead_connection_is_found_before_a_heal_needs_it() {
     let bed = RealBed::start(Family::V14, CHAT).await;
     let relay = Relay::postgres(format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &relay.pg_uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
+    let guard = bed.guard(&relay.pg_uri("postgres"), &[]).await;
     let replaced =
         || async { metric(&guard.render_metrics(), "pgrst_guard_database_reconnects_total{cause=\"timeout\"}") >= 1 };
     assert!(!replaced().await);
@@ -96,12 +86,7 @@ async fn an_idle_dead_connection_is_found_before_a_heal_needs_it() {
 // waiting for the guard's reconnect back-off.
 family_matrix!(a_migration_right_after_a_postgresql_restart_heals, |family: Family| async move {
     let bed = RealBed::start(family, CHAT).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &bed.pg.uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
+    let guard = bed.guard(&bed.pg.uri("postgres"), &[]).await;
     bed.pg.stop().await;
     // Down long enough for the guard's background reconnects to back off.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -131,13 +116,8 @@ async fn through_a_transaction_pooler_heals_and_says_listen_is_off() {
             }
         }));
     }
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &bouncer.uri(),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url()), ("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")],
-    )
-    .await;
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let guard = bed.guard(&bouncer.uri(), &[("PGRST_GUARD_ADMIN_LISTEN", "127.0.0.1:0")]).await;
+    let notifies = bed.notify_counter().await;
     let (status, header, _) = heal_new_column(&bed, &guard, "pooled").await;
     assert_eq!((status, header.as_deref()), (201, Some("replayed")), "{}", bouncer.log());
     assert_eq!(notifies.settled().await, 1);

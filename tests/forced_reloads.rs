@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use support::client::HttpClient;
-use support::guard::{start_guard, NotifyCounter};
+use support::guard::start_guard;
 use support::postgrest::Family;
 use support::RealBed;
 
@@ -102,13 +102,8 @@ fn metric(metrics: &str, series: &str) -> u64 {
 
 family_matrix!(objects_postgrest_never_caches_cost_no_notify, |family: Family| async move {
     let bed = RealBed::start(family, NEVER_CACHED).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &bed.pg.uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let guard = bed.guard(&bed.pg.uri("postgres"), &[]).await;
+    let notifies = bed.notify_counter().await;
     for probe in probes() {
         // PostgREST alone, sent what the guard forwards: no header the request's Connection names.
         let forwarded: Vec<(&str, &str)> = probe
@@ -155,13 +150,8 @@ const VIEW_WITHOUT_KEY: &str = "
 
 family_matrix!(a_reload_that_did_not_cure_is_not_repeated_until_the_object_changes, |family: Family| async move {
     let bed = RealBed::start(family, VIEW_WITHOUT_KEY).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &bed.pg.uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let guard = bed.guard(&bed.pg.uri("postgres"), &[]).await;
+    let notifies = bed.notify_counter().await;
     let path = "/chat_messages?select=content,project_names(name)";
     let direct = bed.http.get(&bed.url(path)).await;
     assert_eq!(direct.code().as_deref(), Some("PGRST200"), "{}", direct.text());
@@ -238,13 +228,8 @@ family_matrix!(a_csv_insert_naming_the_new_column_heals, |family: Family| async 
 #[tokio::test]
 async fn a_flood_of_bogus_names_does_not_delay_a_real_heal() {
     let bed = RealBed::start(Family::V14, "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);").await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &bed.pg.uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let guard = bed.guard(&bed.pg.uri("postgres"), &[]).await;
+    let notifies = bed.notify_counter().await;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut flooders = Vec::new();

@@ -125,10 +125,18 @@ async fn sigterm_lets_open_requests_finish_then_exits_zero() {
         let http = http.clone();
         async move { http.send(Method::GET, &url, &[], "").await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request is open once the echo has begun to answer it (it takes 700 ms).
+    let started = support::client::eventually(Duration::from_secs(5), || async {
+        support::echo::DELAYED_STARTED.load(std::sync::atomic::Ordering::Acquire) == 1
+    })
+    .await;
+    assert!(started);
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "no new connections after SIGTERM");
+    let refused = support::client::eventually(Duration::from_secs(5), || async move {
+        TcpStream::connect(("127.0.0.1", port)).await.is_err()
+    })
+    .await;
+    assert!(refused, "no new connections after SIGTERM");
     let answer = open.await.unwrap();
     assert_eq!(answer.status, StatusCode::OK, "the open request finished");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();

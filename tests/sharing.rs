@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::client::HttpClient;
-use support::guard::{start_guard, NotifyCounter};
 use support::postgrest::Family;
 use support::relay::Relay;
 use support::RealBed;
@@ -22,13 +21,8 @@ const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, conten
 async fn the_first_client_leaves(after: Duration) {
     let bed = RealBed::start(Family::V14, CHAT).await;
     let relay = Relay::postgres(format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()).await;
-    let guard = start_guard(
-        &bed.postgrest.url(),
-        &relay.pg_uri("postgres"),
-        &[("PGRST_GUARD_UPSTREAM_ADMIN", &bed.postgrest.admin_url())],
-    )
-    .await;
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let guard = bed.guard(&relay.pg_uri("postgres"), &[]).await;
+    let notifies = bed.notify_counter().await;
     relay.delay(Duration::from_millis(30));
     bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
     let url = format!("{}/chat_messages", guard.url());
@@ -92,7 +86,7 @@ async fn guards_failing_at_the_same_instant_send_at_most_two_notifies() {
             .await
         );
     }
-    let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let notifies = bed.notify_counter().await;
     // A first NOTIFY from someone else, so that the guards have heard others on the channel.
     bed.postgrest.reload_and_wait(&bed.pg).await;
     let mut before = notifies.settled().await;

@@ -1,19 +1,29 @@
 //! The heal layer: a tower [`Layer`](tower::Layer) around the forwarder that makes stale schema
 //! caches invisible to clients.
 //!
-//! For each request:
-//! 1. the body streams to PostgREST through a [`ReplayBody`](replay_body::ReplayBody), which keeps
-//!    a copy up to `PGRST_GUARD_REPLAY_BODY_LIMIT`;
-//! 2. [`classify`] turns the answer into a [`Verdict`](classify::Verdict): pass through, stale
-//!    (PGRST200/202/204/205, or `404 {}` before v13), or cache empty (PGRST002);
-//! 3. for a stale verdict the [`CatalogCheck`](crate::reload::CatalogCheck) asks the database whether
-//!    the object exists (if not, the error is the client's and passes through at once); then the
-//!    [`ReloadCoordinator`](crate::reload::ReloadCoordinator) sends one NOTIFY for all requests that
-//!    fail together (or joins a reload someone else asked for) and says when it has finished;
-//! 4. the request is replayed; a healed answer carries `X-Pgrst-Guard: replayed`.
+//! For each request [`service`] streams the body to PostgREST through a
+//! [`ReplayBody`](replay_body::ReplayBody) (which keeps a copy, under a per-body and an overall
+//! cap), and [`classify`] turns the answer into a [`Verdict`](classify::Verdict): pass through,
+//! stale (PGRST200/202/204/205, `404 {}` before v13), cache empty (PGRST002), or a database error
+//! a reload in progress explains (42P01/42703/42883). Anything but pass-through starts a heal, the
+//! state machine of [`machine`]:
 //!
-//! These errors come from PostgREST's planning, before any SQL runs, so a replayed write is executed
-//! at most once.
+//! ```text
+//!            ┌──────────────────────────── Judge ◄─────────────────────────────┐
+//!            │ stale (new object)     │ stale (same object)   │ empty cache    │
+//!            ▼                        ▼                       ▼                │
+//!          Check ── exists ──►     Reload ──► Wait ─ ready ─► Replay ──────────┘
+//!            │ missing / uncurable    ▲  no more  │  ▲             ▲
+//!            ▼                        └── (a 2nd) ┘  └─ Settle ────┘
+//!          Done                                   (covering reload done:
+//!                                                  back-off, no NOTIFY)
+//! ```
+//!
+//! Who owns what: the heal owns its [`Budget`](budget::Budget) (upstream requests, reloads, the
+//! deadline) and its request; everything shared with other requests — the catalog's answers, the
+//! flights, the database connection — belongs to [`crate::reload`] and runs in tasks of its own.
+//! A healed answer carries `X-Pgrst-Guard: replayed`. The healed errors come from PostgREST's
+//! planning, or from a transaction that was rolled back, so a replayed write runs at most once.
 //!
 //! ```no_run
 //! # use std::sync::Arc;

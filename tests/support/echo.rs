@@ -68,8 +68,12 @@ impl EchoServer {
     }
 }
 
+/// Requests for a `/delay` path the echo servers of this process have begun to answer.
+pub static DELAYED_STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path().contains("/delay") {
+        DELAYED_STARTED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     }
     if request.uri().path().contains("/slow") {

@@ -88,6 +88,20 @@ impl RealBed {
         format!("{}{}", self.postgrest.url(), path)
     }
 
+    /// A guard in front of this PostgREST, with its admin URL, NOTIFYing through `db_uri` (this
+    /// cluster's, or a relay's in front of it); `extra` sets or overrides keys.
+    pub async fn guard(&self, db_uri: &str, extra: &[(&str, &str)]) -> pgrst_guard::RunningGuard {
+        let admin = self.postgrest.admin_url();
+        let mut keys = vec![("PGRST_GUARD_UPSTREAM_ADMIN", admin.as_str())];
+        keys.extend_from_slice(extra);
+        guard::start_guard(&self.postgrest.url(), db_uri, &keys).await
+    }
+
+    /// Counts the reload NOTIFYs on PostgREST's channel from now on.
+    pub async fn notify_counter(&self) -> guard::NotifyCounter {
+        guard::NotifyCounter::listen(&self.pg.uri("postgres"), "pgrst").await
+    }
+
     /// One number from the database, e.g. `SELECT count(*) FROM t`.
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.pg.connect("postgres").await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
