@@ -76,6 +76,16 @@ const NEW_FUNCTION: Scenario = Scenario {
     stored: Some("SELECT count(*), count(DISTINCT label) FROM events"),
 };
 
+const WIDER_COLUMN: Scenario = Scenario {
+    setup: "CREATE TABLE orders (id bigserial PRIMARY KEY, label text NOT NULL UNIQUE, code varchar(8));",
+    migration: "ALTER TABLE orders ALTER COLUMN code TYPE varchar(64)",
+    method: Method::POST,
+    path: "/orders",
+    body: |w, n| Some(format!(r#"{{"label":"w{w}-{n}","code":"a code that outgrew eight characters"}}"#)),
+    success: StatusCode::CREATED,
+    stored: Some("SELECT count(*), count(DISTINCT label) FROM orders"),
+};
+
 const NEW_RELATIONSHIP: Scenario = Scenario {
     setup: "CREATE TABLE projects (id bigserial PRIMARY KEY, name text NOT NULL);
             CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL, project_id bigint);
@@ -223,3 +233,4 @@ window_tests!(new_column, NEW_COLUMN);
 window_tests!(new_table, NEW_TABLE);
 window_tests!(new_function, NEW_FUNCTION);
 window_tests!(new_relationship, NEW_RELATIONSHIP);
+window_tests!(wider_column, WIDER_COLUMN);

@@ -26,6 +26,17 @@ pub enum StaleCode {
     Table,
     /// Before v13, a write to a table missing from the cache is `404 {}`.
     LegacyTableWrite,
+    /// PostgreSQL could not cast a write's body to the column types PostgREST cached (22001,
+    /// 22003, 22P02, 22007 or 42804): the columns may have changed type since.
+    ColumnType(&'static str),
+}
+
+/// The SQLSTATEs a write's body can meet when PostgREST casts it to stale column types.
+const TYPE_ERRORS: [&str; 5] = ["22001", "22003", "22P02", "22007", "42804"];
+
+/// Is `code` one of [`TYPE_ERRORS`]? The `'static` copy of it if so.
+fn type_error(code: &str) -> Option<&'static str> {
+    TYPE_ERRORS.iter().copied().find(|known| *known == code)
 }
 
 impl StaleCode {
@@ -36,6 +47,7 @@ impl StaleCode {
             StaleCode::Column => "PGRST204",
             StaleCode::Table => "PGRST205",
             StaleCode::LegacyTableWrite => "404{}",
+            StaleCode::ColumnType(code) => code,
         }
     }
 }
@@ -64,6 +76,16 @@ pub enum MissingObject {
         parent: String,
         child: String,
         hint: Option<String>,
+    },
+    /// A write's body that PostgreSQL could not cast: `cast_to` is the type the error names (the
+    /// one PostgREST cast to, from its cache), `columns` the body's columns (sorted). For 42804 the
+    /// error also names the `column` and its `current` type.
+    ColumnTypes {
+        table: String,
+        columns: Vec<String>,
+        cast_to: String,
+        column: Option<String>,
+        current: Option<String>,
     },
     Unknown,
 }
@@ -133,6 +155,11 @@ pub fn decoded_segment(segment: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl RequestFacts<'_> {
+    /// A POST, PATCH or PUT to a table or view: what PostgREST casts to cached column types.
+    fn writes_a_table(&self) -> bool {
+        matches!(*self.method, Method::POST | Method::PATCH | Method::PUT) && self.rpc().is_none()
+    }
+
     /// The table the path names (its last segment, decoded).
     pub fn target(&self) -> std::borrow::Cow<'_, str> {
         decoded_segment(self.path.rsplit('/').next().unwrap_or_default())
@@ -153,7 +180,7 @@ impl RequestFacts<'_> {
 
     /// The keys a write names: its `columns` parameter, else the CSV header or the first JSON
     /// object's keys, as PostgREST reads the body.
-    fn written_columns(&self) -> Vec<String> {
+    pub fn written_columns(&self) -> Vec<String> {
         if let Some(columns) = self.query_param("columns") {
             return columns.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect();
         }
@@ -200,6 +227,10 @@ impl RequestFacts<'_> {
             (StaleCode::Table, MissingObject::Table { table, .. }, None) => *table == self.target(),
             (StaleCode::LegacyTableWrite, _, None) => {
                 matches!(*self.method, Method::POST | Method::PATCH | Method::PUT) && !self.target().is_empty()
+            }
+            (StaleCode::ColumnType(_), MissingObject::ColumnTypes { column, .. }, None) => {
+                self.writes_a_table()
+                    && column.as_ref().is_none_or(|column| self.written_columns().iter().any(|c| c == column))
             }
             (StaleCode::Relationship, MissingObject::Relationship { parent, child, .. }, None) => {
                 let names = self.selected_names();
@@ -252,6 +283,7 @@ pub struct PostgrestError {
 /// touching the body.
 pub fn passes_by_head(response: &Response<GuardBody>, method: &Method) -> bool {
     match proxy_status_error(response) {
+        Some(code) if type_error(&code).is_some() => !matches!(*method, Method::POST | Method::PATCH | Method::PUT),
         Some(code) => code_verdict(&code, None) == Verdict::PassThrough,
         // From v13 on PostgREST names every error of its own in Proxy-Status: an error-shaped body
         // without it is the application's answer (an RPC that set `response.status`).
@@ -297,7 +329,13 @@ pub async fn inspect(
     match read_capped(body, ERROR_BODY_CAP, deadline).await {
         Ok(bytes) => {
             let verdict = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
-            let verdict = if proxy_status_code.is_some() { verdict } else { attribute(verdict, request) };
+            // A type error is healed only for a write to a table, whoever names it: an RPC casts
+            // its arguments the same way.
+            let verdict = match &verdict {
+                Verdict::Stale { code: StaleCode::ColumnType(_), .. } => attribute(verdict, request),
+                _ if proxy_status_code.is_some() => verdict,
+                _ => attribute(verdict, request),
+            };
             (Response::from_parts(parts, full(bytes)), verdict)
         }
         Err(partial) => (Response::from_parts(parts, partial), Verdict::PassThrough),
@@ -396,7 +434,60 @@ pub fn code_verdict(code: &str, error: Option<&PostgrestError>) -> Verdict {
         "42P01" => Verdict::StaleDatabase { code: "42P01" },
         "42703" => Verdict::StaleDatabase { code: "42703" },
         "42883" => Verdict::StaleDatabase { code: "42883" },
-        _ => Verdict::PassThrough,
+        _ => match (type_error(code), error) {
+            // Which types: only the body says, once read.
+            (Some(code), None) => Verdict::Stale { code: StaleCode::ColumnType(code), object: MissingObject::Unknown },
+            (Some(code), Some(error)) => match error.message.as_deref().and_then(|m| cast_failure(code, m)) {
+                Some(object) => Verdict::Stale { code: StaleCode::ColumnType(code), object },
+                // Unreadable (another wording, another language): not ours to judge.
+                None => Verdict::PassThrough,
+            },
+            (None, _) => Verdict::PassThrough,
+        },
+    }
+}
+
+/// What a cast failure's message (PostgreSQL's English wording) says: the type cast to, and for
+/// 42804 the column and its current type. Messages that name no type (22008, `numeric field
+/// overflow`) give None.
+fn cast_failure(code: &str, message: &str) -> Option<MissingObject> {
+    let object = |cast_to: &str, column: Option<&str>, current: Option<&str>| MissingObject::ColumnTypes {
+        table: String::new(),
+        columns: Vec::new(),
+        cast_to: cast_to.trim().to_string(),
+        column: column.map(str::to_string),
+        current: current.map(|c| c.trim().to_string()),
+    };
+    fn before_quoted_value(text: &str) -> Option<&str> {
+        text.rsplit_once(": \"").map(|(before, _)| before)
+    }
+    match code {
+        "42804" => {
+            let rest = message.strip_prefix("column \"")?;
+            let (column, rest) = rest.split_once("\" is of type ")?;
+            let (current, cast_to) = rest.split_once(" but expression is of type ")?;
+            Some(object(cast_to, Some(column), Some(current)))
+        }
+        "22001" => {
+            let cast_to = message
+                .strip_prefix("value too long for type ")
+                .or_else(|| message.strip_prefix("bit string too long for type "))?;
+            Some(object(cast_to, None, None))
+        }
+        "22003" => {
+            if let Some((_, cast_to)) = message.split_once("\" is out of range for type ") {
+                return Some(object(cast_to, None, None));
+            }
+            let cast_to = message.strip_suffix(" out of range")?;
+            matches!(cast_to, "smallint" | "integer" | "bigint").then(|| object(cast_to, None, None))
+        }
+        "22P02" | "22007" => {
+            let rest = message
+                .strip_prefix("invalid input syntax for type ")
+                .or_else(|| message.strip_prefix("invalid input value for enum "))?;
+            Some(object(before_quoted_value(rest)?, None, None))
+        }
+        _ => None,
     }
 }
 
@@ -722,5 +813,53 @@ mod tests {
         ));
         let rpc_404 = response(404, &[json, ("server", "postgrest/12.2")], "{}");
         assert_eq!(inspect(rpc_404, &facts(&Method::POST, "/rpc/t", "{}"), far()).await.1, Verdict::PassThrough);
+    }
+
+    #[test]
+    fn cast_failures_name_the_type_cast_to() {
+        let cast = |code, message: &str| match cast_failure(code, message) {
+            Some(MissingObject::ColumnTypes { cast_to, column, current, .. }) => Some((cast_to, column, current)),
+            _ => None,
+        };
+        let named = |t: &str| Some((t.to_string(), None, None));
+        assert_eq!(cast("22001", "value too long for type character varying(8)"), named("character varying(8)"));
+        assert_eq!(cast("22003", "value \"5000000000\" is out of range for type integer"), named("integer"));
+        assert_eq!(cast("22003", "smallint out of range"), named("smallint"));
+        assert_eq!(cast("22P02", "invalid input syntax for type integer: \"1.5\""), named("integer"));
+        assert_eq!(cast("22P02", "invalid input value for enum api.mood: \"happy: yes\""), named("api.mood"));
+        assert_eq!(
+            cast("22007", "invalid input syntax for type timestamp with time zone: \"soon\""),
+            named("timestamp with time zone")
+        );
+        assert_eq!(
+            cast("42804", "column \"data\" is of type jsonb but expression is of type text"),
+            Some(("text".to_string(), Some("data".to_string()), Some("jsonb".to_string())))
+        );
+        // No type named, or not PostgreSQL's English: not ours to judge.
+        assert_eq!(cast("22008", "date/time field value out of range: \"2024-02-30\""), None);
+        assert_eq!(cast("22003", "numeric field overflow"), None);
+        assert_eq!(cast("22001", "valeur trop longue pour le type character varying(8)"), None);
+    }
+
+    #[tokio::test]
+    async fn type_errors_are_healed_only_for_writes_to_tables() {
+        let body =
+            r#"{"code":"22001","details":null,"hint":null,"message":"value too long for type character varying(8)"}"#;
+        let answer = || {
+            response(
+                400,
+                &[("proxy-status", "PostgREST; error=22001"), ("content-type", "application/json; charset=utf-8")],
+                body,
+            )
+        };
+        let write = facts(&Method::POST, "/orders", r#"{"code":"xxxxxxxxxxxx"}"#);
+        assert!(matches!(
+            inspect(answer(), &write, far()).await.1,
+            Verdict::Stale { code: StaleCode::ColumnType("22001"), .. }
+        ));
+        let rpc = facts(&Method::POST, "/rpc/orders", r#"{"code":"xxxxxxxxxxxx"}"#);
+        assert_eq!(inspect(answer(), &rpc, far()).await.1, Verdict::PassThrough);
+        let read = facts(&Method::GET, "/orders", "");
+        assert_eq!(inspect(answer(), &read, far()).await.1, Verdict::PassThrough);
     }
 }

@@ -431,6 +431,19 @@ impl<'a, S> Heal<'a, S> {
                     _ => MissingObject::Unknown,
                 }
             }
+            MissingObject::ColumnTypes { cast_to, column, current, .. } => {
+                let facts = self.template.facts(Some(&self.body));
+                let mut columns = facts.written_columns();
+                columns.sort();
+                columns.dedup();
+                MissingObject::ColumnTypes {
+                    table: facts.target().into_owned(),
+                    columns,
+                    cast_to: cast_to.clone(),
+                    column: column.clone(),
+                    current: current.clone(),
+                }
+            }
             MissingObject::Function { schema, name, args, .. } => MissingObject::Function {
                 schema: schema.clone(),
                 name: name.clone(),

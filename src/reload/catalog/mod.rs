@@ -47,6 +47,8 @@ const FUNCTIONS_SQL: &str = include_str!("functions.sql");
 /// PostgREST's relationships (`allM2OandO2ORels`, `addM2MRels`, views, computed relationships) and
 /// how an embed resolves (`Plan.hs` `findRel`).
 const RELATIONSHIPS_SQL: &str = include_str!("relationships.sql");
+/// The column types PostgREST casts a write's body to (`colNominalType`, `fromJsonBodyF`).
+const COLUMN_TYPES_SQL: &str = include_str!("column_types.sql");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatalogAnswer {
@@ -329,6 +331,7 @@ async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant)
     let mut columns = KindBatch::default();
     let mut functions = KindBatch::default();
     let mut relationships = KindBatch::default();
+    let mut column_types = KindBatch::default();
     for (index, (schema, object)) in keys.iter().enumerate() {
         match object {
             MissingObject::Table { schema: named, table } => tables.push(index, [named.as_str(), table].map(Some)),
@@ -342,17 +345,29 @@ async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant)
             }
             MissingObject::Relationship { parent, child, hint } => relationships
                 .push_owned(index, vec![Some(schema.clone()), Some(parent.clone()), Some(child.clone()), hint.clone()]),
+            MissingObject::ColumnTypes { table, columns, cast_to, column, current } => column_types.push_owned(
+                index,
+                vec![
+                    Some(schema.clone()),
+                    Some(table.clone()),
+                    Some(serde_json::to_string(columns).expect("strings serialize")),
+                    Some(cast_to.clone()),
+                    column.clone(),
+                    current.clone(),
+                ],
+            ),
             MissingObject::Unknown => {}
         }
     }
-    let (tables, columns, functions, relationships) = tokio::join!(
+    let (tables, columns, functions, relationships, column_types) = tokio::join!(
         tables.run(database, TABLES_SQL, deadline),
         columns.run(database, COLUMNS_SQL, deadline),
         functions.run(database, FUNCTIONS_SQL, deadline),
         relationships.run(database, RELATIONSHIPS_SQL, deadline),
+        column_types.run(database, COLUMN_TYPES_SQL, deadline),
     );
     let mut answers = vec![None; keys.len()];
-    for kind in [tables, columns, functions, relationships] {
+    for kind in [tables, columns, functions, relationships, column_types] {
         for (index, answer) in kind {
             answers[index] = answer;
         }
