@@ -30,13 +30,20 @@ fn cli() -> Command {
                     Arg::new("migrations")
                         .long("migrations")
                         .value_name("DIR")
-                        .help("apply DIR/*.sql (name order) instead of the demo schema"),
+                        .help("apply DIR/*.sql (name order, each in its own transaction) after PostgREST's and Supabase's roles and auth functions, instead of the demo schema"),
                 )
                 .arg(
                     Arg::new("show")
                         .long("show")
                         .action(clap::ArgAction::SetTrue)
                         .help("play the story once: a migration, PostgREST's PGRST204, the guard's healed insert"),
+                )
+                .arg(
+                    Arg::new("watch")
+                        .long("watch")
+                        .action(clap::ArgAction::SetTrue)
+                        .requires("migrations")
+                        .help("apply new files of --migrations as they appear; the guard heals the running API across them"),
                 )
                 .arg(
                     Arg::new("once")
@@ -111,6 +118,7 @@ fn main() {
             migrations: sandbox.get_one::<String>("migrations").map(PathBuf::from),
             show: sandbox.get_flag("show"),
             once: sandbox.get_flag("once"),
+            watch: sandbox.get_flag("watch"),
         };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
         std::process::exit(runtime.block_on(pgrst_guard::sandbox::run(options)));

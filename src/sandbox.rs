@@ -1,8 +1,9 @@
 //! `pgrst-guard sandbox`: a throwaway PostgreSQL, a real PostgREST and the guard in front, in one
 //! command, until Ctrl-C. With `--show` it plays the story the guard exists for once: a migration
 //! adds a column, PostgREST alone answers PGRST204, the guard heals the same insert. With
-//! `--migrations DIR` it applies a developer's own `*.sql` files instead of the demo schema and
-//! stays up as the local API they develop against.
+//! `--migrations DIR` it applies a developer's own `*.sql` files (a Supabase project's
+//! `supabase/migrations` as they are written) and stays up as the local API they develop against;
+//! with `--watch` it applies each new file as it appears, and the guard heals the running API across it.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -28,31 +29,55 @@ pub struct SandboxOptions {
     pub show: bool,
     /// Stop after start-up (and the story), instead of waiting for Ctrl-C.
     pub once: bool,
+    /// Apply new files of `migrations` as they appear.
+    pub watch: bool,
 }
 
-/// The demo schema, PostgREST's usual roles included.
-const DEMO_SCHEMA: &str = "
-    CREATE ROLE anon NOLOGIN;
+/// What PostgREST and Supabase have before a project's first migration: PostgREST's roles
+/// (`authenticator` switching to `anon`, `authenticated` or `service_role` per request), Supabase's
+/// grants in `public`, and the `auth` schema's `uid()`, `role()`, `email()` and `jwt()` reading the
+/// request's JWT claims as Supabase defines them, with a minimal `auth.users` for foreign keys.
+const PLATFORM: &str = "
+    CREATE ROLE anon NOLOGIN NOINHERIT;
+    CREATE ROLE authenticated NOLOGIN NOINHERIT;
+    CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS;
     CREATE ROLE authenticator LOGIN NOINHERIT;
-    GRANT anon TO authenticator;
-    GRANT USAGE ON SCHEMA public TO anon;
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon;
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon;
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT EXECUTE ON FUNCTIONS TO anon;
-    CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL, created_at timestamptz DEFAULT now());";
+    GRANT anon, authenticated, service_role TO authenticator;
+    GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated, service_role;
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT EXECUTE ON FUNCTIONS TO anon, authenticated, service_role;
+    CREATE EXTENSION IF NOT EXISTS pgcrypto;
+    CREATE SCHEMA auth;
+    GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
+    CREATE TABLE auth.users (
+      id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+      email text UNIQUE,
+      raw_user_meta_data jsonb DEFAULT '{}'::jsonb,
+      created_at timestamptz DEFAULT now()
+    );
+    CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $$
+      SELECT coalesce(nullif(current_setting('request.jwt.claim', true), ''),
+                      nullif(current_setting('request.jwt.claims', true), ''))::jsonb $$;
+    CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+      SELECT coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                      (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'))::uuid $$;
+    CREATE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE AS $$
+      SELECT coalesce(nullif(current_setting('request.jwt.claim.role', true), ''),
+                      (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role'))::text $$;
+    CREATE FUNCTION auth.email() RETURNS text LANGUAGE sql STABLE AS $$
+      SELECT coalesce(nullif(current_setting('request.jwt.claim.email', true), ''),
+                      (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'email'))::text $$;
+    GRANT EXECUTE ON FUNCTION auth.jwt(), auth.uid(), auth.role(), auth.email() TO anon, authenticated, service_role;
+    GRANT SELECT ON auth.users TO service_role;";
 
-const ROLES_ONLY: &str = "
-    DO $$ BEGIN
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticator') THEN
-        CREATE ROLE authenticator LOGIN NOINHERIT; END IF;
-    END $$;
-    GRANT anon TO authenticator;
-    GRANT USAGE ON SCHEMA public TO anon;
-    GRANT ALL ON ALL TABLES IN SCHEMA public TO anon;
-    GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO anon;
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon;
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon;";
+/// The demo table of `--show` and of a sandbox without `--migrations`.
+const DEMO_SCHEMA: &str =
+    "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL, created_at timestamptz DEFAULT now());";
+
+/// The sandbox's JWT secret, as Supabase's local development stack has one: fixed, and known to be
+/// a development secret.
+const JWT_SECRET: &str = "pgrst-guard-sandbox-jwt-secret-not-for-production-use";
 
 /// Runs the sandbox; returns the process exit code. Everything it made is removed on the way out.
 pub async fn run(options: SandboxOptions) -> i32 {
@@ -67,6 +92,9 @@ pub async fn run(options: SandboxOptions) -> i32 {
     println!("PostgreSQL  {}", sandbox.db_uri);
     println!("PostgREST   {}  (admin {})", sandbox.postgrest_url, sandbox.admin_url);
     println!("pgrst-guard {}  (send your requests here)", sandbox.guard.url());
+    println!("jwt secret  {JWT_SECRET}");
+    println!("anon key    {}", sandbox_key("anon"));
+    println!("service key {}", sandbox_key("service_role"));
     println!("files       {}", sandbox.dir.0.display());
     println!("ready in {:.1} s", started.elapsed().as_secs_f64());
     let mut code = 0;
@@ -80,7 +108,16 @@ pub async fn run(options: SandboxOptions) -> i32 {
     }
     if !options.once {
         println!("Ctrl-C stops everything and removes it.");
-        wait_for_signal().await;
+        match (&options.migrations, options.watch) {
+            (Some(dir), true) => {
+                println!("watching {} for new migrations", dir.display());
+                tokio::select! {
+                    _ = wait_for_signal() => {}
+                    _ = sandbox.watch(dir) => {}
+                }
+            }
+            _ => wait_for_signal().await,
+        }
     }
     sandbox.stop().await;
     code
@@ -95,6 +132,8 @@ struct Sandbox {
     db_uri: String,
     postgrest_url: String,
     admin_url: String,
+    /// The migration files applied so far, in order.
+    applied: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Sandbox {
@@ -109,17 +148,23 @@ impl Sandbox {
         .await
         .map_err(|e| e.to_string())??;
         let db_uri = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
-        let schema = match &options.migrations {
-            None => DEMO_SCHEMA.to_string(),
-            Some(migrations) => format!("{}\n{ROLES_ONLY}", read_migrations(migrations)?),
-        };
-        execute(&db_uri, &schema).await?;
+        execute(&db_uri, PLATFORM).await?;
+        let mut applied = Vec::new();
+        match &options.migrations {
+            None => execute(&db_uri, DEMO_SCHEMA).await?,
+            Some(migrations) => {
+                for file in migration_files(migrations)? {
+                    apply_migration(&db_uri, &file).await?;
+                    applied.push(file);
+                }
+            }
+        }
 
         let (port, admin_port) = (free_port()?, free_port()?);
         let config = format!(
             "db-uri = \"postgresql://authenticator@127.0.0.1:{}/postgres\"\ndb-schemas = \"public\"\n\
              db-anon-role = \"anon\"\ndb-channel = \"pgrst\"\nserver-host = \"127.0.0.1\"\nserver-port = {port}\n\
-             admin-server-port = {admin_port}\nlog-level = \"error\"\n",
+             admin-server-port = {admin_port}\nlog-level = \"error\"\njwt-secret = \"{JWT_SECRET}\"\n",
             pg.port
         );
         let config_path = dir.0.join("postgrest.conf");
@@ -152,7 +197,34 @@ impl Sandbox {
         if !connected {
             return Err("the guard's database connection did not come up".to_string());
         }
-        Ok(Sandbox { guard, postgrest, pg, dir, db_uri, postgrest_url, admin_url })
+        Ok(Sandbox {
+            guard,
+            postgrest,
+            pg,
+            dir,
+            db_uri,
+            postgrest_url,
+            admin_url,
+            applied: std::sync::Mutex::new(applied),
+        })
+    }
+
+    /// Applies each new `*.sql` file of `dir` (named after the last one applied) as it appears,
+    /// without a reload: the guard heals the running API across it.
+    async fn watch(&self, dir: &Path) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Ok(files) = migration_files(dir) else { continue };
+            let last = self.applied.lock().expect("applied lock").last().cloned();
+            for file in files.into_iter().filter(|f| last.as_ref().is_none_or(|last| f > last)) {
+                // A file still being written is read again on the next turn.
+                match apply_migration(&self.db_uri, &file).await {
+                    Ok(()) => println!("applied {}", file.display()),
+                    Err(problem) => eprintln!("pgrst-guard sandbox: {problem}"),
+                }
+                self.applied.lock().expect("applied lock").push(file);
+            }
+        }
     }
 
     /// The story: a migration adds a column; the same insert fails straight to PostgREST and is
@@ -361,8 +433,8 @@ pub fn newest_postgrest(dir: &Path, major: Option<u32>, unpack_to: &Path) -> Res
     Ok((target, version))
 }
 
-/// The `*.sql` files of `dir`, in name order, as one script.
-fn read_migrations(dir: &Path) -> Result<String, String> {
+/// The `*.sql` files of `dir`, in name order.
+fn migration_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("--migrations {}: {e}", dir.display()))?
         .flatten()
@@ -370,12 +442,67 @@ fn read_migrations(dir: &Path) -> Result<String, String> {
         .filter(|path| path.extension().is_some_and(|e| e == "sql"))
         .collect();
     files.sort();
-    let mut script = String::new();
-    for file in files {
-        script.push_str(&std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?);
-        script.push_str(";\n");
+    Ok(files)
+}
+
+/// Applies one migration file in a transaction of its own; a failure names the file, PostgreSQL's
+/// message and the line it points at.
+async fn apply_migration(db_uri: &str, file: &Path) -> Result<(), String> {
+    let sql = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (client, connection) = tokio_postgres::connect(db_uri, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to the sandbox database: {e}"))?;
+    tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.map_err(|e| crate::reload::database::describe(&e))?;
+    match client.batch_execute(&sql).await {
+        Ok(()) => client.batch_execute("COMMIT").await.map_err(|e| crate::reload::database::describe(&e)),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let line = match e.as_db_error().and_then(|db| db.position()) {
+                Some(tokio_postgres::error::ErrorPosition::Original(at)) => {
+                    // PostgreSQL counts characters from 1.
+                    let upto: String = sql.chars().take((*at as usize).saturating_sub(1)).collect();
+                    format!(" at line {}", upto.matches('\n').count() + 1)
+                }
+                _ => String::new(),
+            };
+            Err(format!(
+                "migration {} failed{line}: {}; nothing of it was applied",
+                file.display(),
+                crate::reload::database::describe(&e)
+            ))
+        }
     }
-    Ok(script)
+}
+
+/// A key signed with the sandbox's secret, as Supabase's anon and service keys are: HS256, a role,
+/// no expiry worth mentioning.
+pub fn sandbox_key(role: &str) -> String {
+    sign_hs256(JWT_SECRET, &serde_json::json!({"role": role, "iss": "pgrst-guard-sandbox", "exp": 4_102_444_800u64}))
+}
+
+/// An HS256 JWT of `claims` signed with `secret`.
+pub fn sign_hs256(secret: &str, claims: &serde_json::Value) -> String {
+    let header = base64url(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = base64url(claims.to_string().as_bytes());
+    let signing_input = format!("{header}.{payload}");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let signature = ring::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", base64url(signature.as_ref()))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
 }
 
 async fn execute(db_uri: &str, sql: &str) -> Result<(), String> {

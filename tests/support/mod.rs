@@ -6,6 +6,7 @@ pub mod client;
 pub mod double;
 pub mod echo;
 pub mod guard;
+pub mod nginx;
 pub mod pg;
 pub mod pgbouncer;
 pub mod pki;

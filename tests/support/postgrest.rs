@@ -73,6 +73,9 @@ pub struct PostgrestOptions {
     pub pool_size: u32,
     /// `info` writes one access-log line per request (see [`RealPostgrest::access_log_lines`]).
     pub log_level: &'static str,
+    /// More configuration, as `PGRST_*` environment variables (values a config file cannot quote,
+    /// such as a JWKS).
+    pub env: Vec<(String, String)>,
     /// Listen on this port with `server-reuseport` (v16): several processes share it, as in a
     /// hand-over from an old process to a new one.
     pub shared_port: Option<u16>,
@@ -89,6 +92,7 @@ impl PostgrestOptions {
             jwt_secret: None,
             pool_size: 10,
             log_level: "error",
+            env: Vec::new(),
             shared_port: None,
         }
     }
@@ -104,6 +108,7 @@ pub struct RealPostgrest {
     pub version: String,
     binary: PathBuf,
     dir: PathBuf,
+    env: Vec<(String, String)>,
     port: u16,
     admin_port: u16,
     child: Mutex<Option<Child>>,
@@ -143,6 +148,7 @@ impl RealPostgrest {
             version,
             binary,
             dir,
+            env: options.env.clone(),
             port,
             admin_port,
             child: Mutex::new(None),
@@ -182,6 +188,7 @@ impl RealPostgrest {
         let child = Command::new(&self.binary)
             .arg(self.dir.join("postgrest.conf"))
             .env("LANG", "C.UTF-8")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
