@@ -29,6 +29,7 @@ pub struct Metrics {
     response_counters: Box<[OnceLock<IntCounter>; STATUSES]>,
     heals: IntCounterVec,
     notifies_sent: IntCounter,
+    reload_probes: IntCounter,
     upstream_requests: IntCounterVec,
     catalog_checks: IntCounterVec,
     notifies_seen: IntCounter,
@@ -91,6 +92,11 @@ impl Default for Metrics {
                 &["code", "outcome"],
             ),
             notifies_sent: counter("pgrst_guard_notifies_sent_total", "Reload NOTIFYs sent."),
+            reload_probes: counter(
+                "pgrst_guard_reload_probes_total",
+                "Replays sent to find a reload's end when PostgREST's load counter cannot be watched (no admin \
+                 URL): one request per reload probes, the others wait for its success.",
+            ),
             upstream_requests: counter_vec(
                 "pgrst_guard_upstream_requests_total",
                 "Requests sent to PostgREST (replays included), by result: answered, never_sent (the connection was \
@@ -127,6 +133,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn reload_probe(&self) {
+        self.reload_probes.inc();
+    }
+
     pub fn response(&self, status: u16, took: Duration) {
         if let Some(slot) = self.response_counters.get(usize::from(status).wrapping_sub(100)) {
             slot.get_or_init(|| self.responses.with_label_values(&[status.to_string().as_str()])).inc();

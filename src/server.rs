@@ -500,8 +500,16 @@ pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
     now
 }
 
+/// The accept queue a listener asks for (the kernel caps it at `net.core.somaxconn`). PostgREST's
+/// server (warp) asks for at least 2048; a gateway in front of it must take a burst as well, or
+/// connections past tokio's default of 1024 wait for SYN retransmits, seconds apart.
+const LISTEN_BACKLOG: u32 = 4096;
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Fails with "address in use" when another process listens on `addr`: SO_REUSEPORT would let a
@@ -520,5 +528,5 @@ pub fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(LISTEN_BACKLOG)
 }

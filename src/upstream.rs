@@ -173,8 +173,8 @@ where
             .into_response_for(origin.as_ref()),
             // What happened, with the upstream's address and the error chain, goes to the log; the
             // client learns only whether its request may have run.
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream connect failed");
+            Ok(Err(e)) if e.is_connect() || reset_unread(&e) => {
+                tracing::warn!(upstream = %self.upstream, error = %error_chain(&e), "upstream connect failed or reset before reading");
                 let error = GuardError::new(
                     GuardErrorKind::UpstreamUnreachable,
                     "The connection to PostgREST could not be made.",
@@ -220,8 +220,9 @@ impl<B> ForwarderParts<B> {
     }
 }
 
-/// Marks a guard answer for a request that never reached PostgREST (the connection was refused or
-/// could not be made): sending it again cannot run anything twice.
+/// Marks a guard answer for a request that never reached PostgREST (the connection was refused,
+/// could not be made, or was reset with the request unread): sending it again cannot run anything
+/// twice.
 #[derive(Clone, Copy, Debug)]
 pub struct NeverReachedUpstream;
 
@@ -300,6 +301,16 @@ async fn tunnel(
     let _ =
         tokio::time::timeout(idle, async { tokio::join!(client_write.shutdown(), upstream_write.shutdown()) }).await;
     drop(slot);
+}
+
+/// The connection was reset before any answer: the kernel resets a socket that is closed with
+/// bytes still unread, or written to after it closed. Either way PostgREST (or a proxy before it)
+/// never consumed the whole request, and PostgREST runs nothing before it has read the body; a
+/// request that was read and then lost its answer ends in an orderly close instead.
+fn reset_unread(e: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::causes(e).any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    })
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -10,6 +10,9 @@ use tokio::time::Instant;
 /// reload, a wait out of an empty cache (PGRST002), a resend after a refused connection. With the
 /// admin URL a stale heal needs at most four (two per reload, two reloads).
 pub const MAX_REPLAYS: u32 = 6;
+/// Probes of a reload's end a request may send besides, when it holds its flight's probe seat (no
+/// load counters to watch): see [`crate::reload::flight::MAX_PROBES`].
+pub const MAX_PROBES: u32 = crate::reload::flight::MAX_PROBES;
 /// Reloads (flights) one request may wait on: the one pending when it failed, and one of its own
 /// that surely began after its failure.
 pub const MAX_RELOADS: u32 = 2;
@@ -25,6 +28,7 @@ pub struct Budget {
     /// No replay starts after this.
     last_replay_start: Instant,
     replays_left: u32,
+    probes_left: u32,
     reloads_left: u32,
 }
 
@@ -35,6 +39,7 @@ impl Budget {
             deadline: started + deadline,
             last_replay_start: started + deadline - deadline / REPLAY_WINDOW_DIVISOR,
             replays_left: MAX_REPLAYS,
+            probes_left: MAX_PROBES,
             reloads_left: MAX_RELOADS,
         }
     }
@@ -60,6 +65,24 @@ impl Budget {
         }
         self.replays_left -= 1;
         true
+    }
+
+    /// One more probe (a replay sent by the flight's prober), if the probe budget and the deadline
+    /// allow it.
+    pub fn take_probe(&mut self) -> bool {
+        if self.probes_left == 0 || Instant::now() > self.last_replay_start {
+            return false;
+        }
+        self.probes_left -= 1;
+        true
+    }
+
+    pub fn probes_left(&self) -> u32 {
+        self.probes_left
+    }
+
+    pub fn probes_used(&self) -> u32 {
+        MAX_PROBES - self.probes_left
     }
 
     /// One more reload to wait on, if the budget allows it.
@@ -89,6 +112,11 @@ mod tests {
         assert!(!budget.take_replay());
         assert_eq!(budget.replays_used(), MAX_REPLAYS);
         assert!(budget.take_reload() && budget.take_reload() && !budget.take_reload());
+        for _ in 0..MAX_PROBES {
+            assert!(budget.take_probe());
+        }
+        assert!(!budget.take_probe());
+        assert_eq!(budget.probes_used(), MAX_PROBES);
     }
 
     #[test]
@@ -96,6 +124,7 @@ mod tests {
         let mut budget = Budget::new(Instant::now() - Duration::from_secs(11), Duration::from_secs(10));
         assert!(budget.expired());
         assert!(!budget.take_replay());
+        assert!(!budget.take_probe());
         assert!(!budget.take_reload());
     }
 }

@@ -25,7 +25,7 @@ use super::classify::{self, CallShape, MissingObject, StaleCode, Verdict};
 use super::service::{Forward, HealService, RequestTemplate, REPLAYED_HEADER};
 use crate::body::GuardBody;
 use crate::reload::coordinator::JoinRule;
-use crate::reload::flight::{backoff_wait, Completion, Wait};
+use crate::reload::flight::{backoff_wait, Completion, ProbeSeat, Turn, Wait};
 use crate::reload::{CatalogAnswer, CatalogReply, Ticket};
 use crate::upstream::{NeverReachedUpstream, OutcomeUnknown};
 
@@ -131,6 +131,10 @@ pub(super) struct Heal<'a, S> {
     settle_until: Option<u32>,
     /// The first answer's code, which names the heal in metrics and logs.
     code: &'static str,
+    /// This request probes its flight's reload (no load counters): held between its probes only.
+    probe_seat: Option<ProbeSeat>,
+    /// The next replay is a probe, paid from the probe budget.
+    probing: bool,
 }
 
 impl<'a, S> Heal<'a, S> {
@@ -164,6 +168,8 @@ impl<'a, S> Heal<'a, S> {
             flights: 0,
             settle_until: None,
             code,
+            probe_seat: None,
+            probing: false,
         }
     }
 
@@ -185,6 +191,10 @@ impl<'a, S> Heal<'a, S> {
                 State::Replay => self.replay::<B>().await,
                 State::Done(outcome) => break outcome,
             };
+            if !matches!(state, State::Judge | State::Wait | State::Replay) {
+                // Only a request going on probing keeps the seat: the others wait for its word.
+                self.probe_seat = None;
+            }
         };
         self.finish(outcome)
     }
@@ -321,11 +331,24 @@ impl<'a, S> Heal<'a, S> {
             // A reload that may predate the migration offers two replays; then one of our own.
             Ticket::Flight(flight) if self.attempt > joined_replays(flight) && !self.covers(flight) => Wait::Exhausted,
             Ticket::Flight(flight) => {
-                flight.wait(self.attempt, self.service.policy.backoff, self.budget.last_replay_start()).await
+                let turn = Turn {
+                    attempt: self.attempt,
+                    backoff: self.service.policy.backoff,
+                    deadline: self.budget.last_replay_start(),
+                    last_sent: self.sent_at,
+                    // A reload that may predate the object's migration cannot promise a cure: only
+                    // a waiter it covers probes for the others.
+                    may_probe: self.budget.probes_left() > 0 && self.covers(flight),
+                };
+                flight.wait(turn, &mut self.probe_seat).await
             }
         };
         match ready {
             Wait::Ready => State::Replay,
+            Wait::Probe => {
+                self.probing = true;
+                State::Replay
+            }
             Wait::Deadline => State::Done(HealOutcome::GaveUp),
             Wait::NotifyFailed(reason) => {
                 tracing::warn!(error = %reason, "the reload NOTIFY failed; passing the error through");
@@ -378,8 +401,13 @@ impl<'a, S> Heal<'a, S> {
         S: Forward<B>,
         B: Body<Data = Bytes> + Send + 'static,
     {
-        if !self.budget.take_replay() {
+        let probe = std::mem::take(&mut self.probing);
+        let allowed = if probe { self.budget.take_probe() } else { self.budget.take_replay() };
+        if !allowed {
             return State::Done(HealOutcome::GaveUp);
+        }
+        if probe {
+            self.service.metrics.reload_probe();
         }
         let deadline = self.budget.deadline();
         let Ok(permit) = tokio::time::timeout_at(deadline, self.service.replay_slots.acquire()).await else {
@@ -533,7 +561,7 @@ impl<'a, S> Heal<'a, S> {
             object = ?self.object,
             wait_ms = self.started.elapsed().as_millis() as u64,
             replays = self.replays,
-            upstream_requests = 1 + self.budget.replays_used(),
+            upstream_requests = 1 + self.budget.replays_used() + self.budget.probes_used(),
             outcome = outcome.as_str(),
             status = self.last.status().as_u16(),
             method = %self.template.method,

@@ -31,6 +31,14 @@ const CLAIM_HOLD: Duration = Duration::from_millis(250);
 /// How long a guard that found the claim taken waits to see the other guard's NOTIFY before it
 /// sends its own after all (the claim's holder may be gone).
 const CLAIM_WAIT: Duration = Duration::from_millis(400);
+/// Without load counters a reload's end shows only as a replay that succeeds. One request per
+/// flight replays on a fine schedule counted from the NOTIFY (its replays are the probes: 5 ms, then
+/// each gap 10 % longer, about 2.2 s for all of them); the others wait for its success instead of
+/// replaying on back-offs of their own. PostgREST sees one failing request at a time during a
+/// reload, and the heal ends within about a tenth of the load's time after it.
+pub const MAX_PROBES: u32 = 40;
+const FIRST_PROBE: Duration = Duration::from_millis(5);
+const PROBE_GROWTH: f64 = 1.1;
 
 /// Who asked for the reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +78,10 @@ pub struct Progress {
     pub cured_at: Option<Instant>,
     /// When the load counters' baseline was read.
     pub baseline_at: Option<Instant>,
+    /// Probes sent for this flight (without load counters), by whichever request held the seat.
+    pub probes_sent: u32,
+    /// A request holds the [`ProbeSeat`].
+    pub prober_seated: bool,
 }
 
 pub struct Flight {
@@ -102,6 +114,8 @@ impl Flight {
             settled_at: None,
             cured_at: None,
             baseline_at: None,
+            probes_sent: 0,
+            prober_seated: false,
         };
         let flight = Arc::new(Flight { origin, created_at: Instant::now(), progress: watch::Sender::new(progress) });
         runtime.spawn(fly(Arc::downgrade(&flight), database, counters, poll, deadline));
@@ -134,8 +148,10 @@ impl Flight {
         });
     }
 
-    /// Waits until replay number `attempt` (from 1) within this flight is worth sending.
-    pub async fn wait(&self, attempt: u32, backoff: Duration, deadline: Instant) -> Wait {
+    /// Waits until the next replay within this flight is worth sending. Without load counters the
+    /// request may take the flight's [`ProbeSeat`] into `seat` and keep it between turns.
+    pub async fn wait(self: &Arc<Self>, turn: Turn, seat: &mut Option<ProbeSeat>) -> Wait {
+        let Turn { attempt, deadline, .. } = turn;
         let mut progress = self.subscribe();
         // The NOTIFY and the baseline first: until both are there, there is nothing to wait for.
         let started = |p: &Progress| {
@@ -152,7 +168,7 @@ impl Flight {
             _ => return Wait::Deadline,
         };
         if self.progress().completion == Completion::Backoff {
-            return backoff_wait(attempt, backoff, deadline).await;
+            return self.wait_without_counters(turn, notified_at, seat).await;
         }
         // PostgREST's debounce: the load that started after the NOTIFY ends at the first or, if one
         // was already running, the second rise of the counter.
@@ -179,8 +195,8 @@ impl Flight {
         .and_then(|p| p.ok().map(|p| p.rises >= target));
         match reached {
             Some(true) => Wait::Ready,
-            // The admin server went away mid-flight: back-off replays instead of its word.
-            Some(false) => backoff_wait(attempt, backoff, deadline).await,
+            // The admin server went away mid-flight: probes instead of its word.
+            Some(false) => self.wait_without_counters(turn, notified_at, seat).await,
             _ if matches!(self.origin, Origin::Observed(_)) && attempt == 1 && Instant::now() < deadline => {
                 // The load may have finished before the baseline was read: try once.
                 Wait::Ready
@@ -188,6 +204,109 @@ impl Flight {
             _ => Wait::Exhausted,
         }
     }
+
+    /// Without load counters: probe when the seat is free (or already ours); else wait for the
+    /// prober's success, backing off on one's own only while nobody probes. A waiter whose failure
+    /// this flight may not cover still waits for the prober's success: one replay after it is the
+    /// cheapest test of whether the reload included its object.
+    async fn wait_without_counters(
+        self: &Arc<Self>,
+        turn: Turn,
+        notified_at: Instant,
+        seat: &mut Option<ProbeSeat>,
+    ) -> Wait {
+        let until = turn.deadline;
+        let cured_since_sent = |p: &Progress| p.cured_at.is_some_and(|cured| cured > turn.last_sent);
+        let probing = |p: &Progress| p.prober_seated && p.probes_sent < MAX_PROBES;
+        let mut progress = self.subscribe();
+        loop {
+            if cured_since_sent(&progress.borrow_and_update()) {
+                return Wait::Ready;
+            }
+            if turn.may_probe && seat.is_none() {
+                *seat = self.take_probe_seat();
+            }
+            if seat.is_some() {
+                match self.next_probe(notified_at, until).await {
+                    Some(wait) => return wait,
+                    // All probes sent: the campaign is over, and so is the seat.
+                    None => *seat = None,
+                }
+            }
+            if !probing(&self.progress()) {
+                // Nobody probes (yet): a back-off of one's own, cut short by somebody's success or
+                // by a prober taking the seat.
+                tokio::select! {
+                    wait = backoff_wait(turn.attempt, turn.backoff, until) => return wait,
+                    Ok(_) = progress.wait_for(|p| cured_since_sent(p) || probing(p)) => continue,
+                }
+            }
+            // Somebody probes: its success, its leaving, or the end of its probes.
+            let changed =
+                progress.wait_for(|p| cured_since_sent(p) || !probing(p) || (turn.may_probe && !p.prober_seated));
+            match tokio::time::timeout_at(until, changed).await {
+                Ok(Ok(_)) => continue,
+                _ => return Wait::Deadline,
+            }
+        }
+    }
+
+    /// The flight's probe seat, if nobody holds it and probes are left.
+    fn take_probe_seat(self: &Arc<Self>) -> Option<ProbeSeat> {
+        let taken = self.progress.send_if_modified(|p| {
+            let free = !p.prober_seated && p.probes_sent < MAX_PROBES;
+            p.prober_seated |= free;
+            free
+        });
+        taken.then(|| ProbeSeat { flight: self.clone() })
+    }
+
+    /// Sleeps until the flight's next probe is due and counts it: [`Wait::Probe`]; [`Wait::Deadline`]
+    /// if it would be due after `until`; None when every probe has been sent.
+    async fn next_probe(&self, notified_at: Instant, until: Instant) -> Option<Wait> {
+        let sent = self.progress().probes_sent;
+        if sent >= MAX_PROBES {
+            return None;
+        }
+        let due = (notified_at + probe_offset(sent + 1)).max(Instant::now());
+        if due > until {
+            return Some(Wait::Deadline);
+        }
+        tokio::time::sleep_until(due).await;
+        self.progress.send_modify(|p| p.probes_sent += 1);
+        Some(Wait::Probe)
+    }
+}
+
+/// One waiting request's turn: what it may still do.
+#[derive(Clone, Copy, Debug)]
+pub struct Turn {
+    /// Replay number within this flight, from 1.
+    pub attempt: u32,
+    pub backoff: Duration,
+    /// No replay starts after this.
+    pub deadline: Instant,
+    /// When the request's last answer was requested: a cure after it is news.
+    pub last_sent: Instant,
+    /// The request's budget allows probes.
+    pub may_probe: bool,
+}
+
+/// The right to probe a flight's reload, one request at a time; given up when dropped (the request
+/// was answered, left, or moved on).
+pub struct ProbeSeat {
+    flight: Arc<Flight>,
+}
+
+impl Drop for ProbeSeat {
+    fn drop(&mut self) {
+        self.flight.progress.send_modify(|p| p.prober_seated = false);
+    }
+}
+
+/// When probe number `n` (from 1) is due, counted from the NOTIFY: 5 ms, 10.5 ms, 16.6 ms, ...
+fn probe_offset(n: u32) -> Duration {
+    FIRST_PROBE.mul_f64((PROBE_GROWTH.powi(n as i32) - 1.0) / (PROBE_GROWTH - 1.0))
 }
 
 /// What a waiting request may do next.
@@ -195,6 +314,8 @@ impl Flight {
 pub enum Wait {
     /// Replay now.
     Ready,
+    /// Replay now, as the flight's probe of its reload's end.
+    Probe,
     /// This flight has nothing more to offer this request.
     Exhausted,
     /// The NOTIFY could not be sent.
@@ -382,8 +503,7 @@ impl InstanceLoads {
 /// Sleeps about `backoff * 3^(attempt-1)` (at most 1 s), jittered by ±20 % so that many waiting
 /// requests do not replay in one burst; [`Wait::Deadline`] if that would pass `deadline`.
 pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) -> Wait {
-    let delay = backoff.saturating_mul(3u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(MAX_BACKOFF);
-    let delay = jittered(delay);
+    let delay = jittered(backoff_delay(attempt, backoff));
     if Instant::now() + delay > deadline {
         return Wait::Deadline;
     }
@@ -392,6 +512,10 @@ pub async fn backoff_wait(attempt: u32, backoff: Duration, deadline: Instant) ->
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+fn backoff_delay(attempt: u32, backoff: Duration) -> Duration {
+    backoff.saturating_mul(3u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(MAX_BACKOFF)
+}
 
 /// `delay` times a random factor in [0.8, 1.2).
 pub fn jittered(delay: Duration) -> Duration {

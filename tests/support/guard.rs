@@ -116,11 +116,13 @@ impl GuardProcess {
     pub async fn start(upstream: &str, db_uri: &str, extra: &[(&str, &str)]) -> GuardProcess {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{}", super::pg::free_port()).parse().unwrap();
-        let mut command = std::process::Command::new(
-            // Set for integration tests; the examples that share this module never start the binary.
+        // Set for integration tests; an example names the binary it measures in PGRST_GUARD_BIN.
+        let binary = std::env::var("PGRST_GUARD_BIN").ok().unwrap_or_else(|| {
             option_env!("CARGO_BIN_EXE_pgrst-guard")
-                .unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/pgrst-guard")),
-        );
+                .unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/pgrst-guard"))
+                .to_string()
+        });
+        let mut command = std::process::Command::new(binary);
         command
             .env_clear()
             .env("PGRST_GUARD_LISTEN", addr.to_string())

@@ -34,7 +34,8 @@ impl Drop for StaleUpstream {
 impl StaleUpstream {
     pub async fn start() -> StaleUpstream {
         let requests = Arc::new(AtomicU64::new(0));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // As PostgREST's warp: an accept queue of at least 2048, not tokio's 1024.
+        let listener = pgrst_guard::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin) = (listener.local_addr().unwrap(), admin_listener.local_addr().unwrap());
         let counted = requests.clone();
