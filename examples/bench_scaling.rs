@@ -33,18 +33,32 @@ fn sorted(mut values: Vec<f64>) -> Vec<f64> {
     values
 }
 
-/// `tables` tables, each referencing the one before: PostgREST's reload grows with both.
-fn big_schema(tables: usize) -> String {
+/// The tables the heals write to, and the start of the chain.
+fn base_schema() -> String {
     format!(
         "CREATE TABLE items (id bigserial PRIMARY KEY, name text);
          {}
-         CREATE TABLE t_0 (id int PRIMARY KEY);
-         DO $$ BEGIN FOR i IN 1..{} LOOP
-           EXECUTE format('CREATE TABLE t_%s (id int PRIMARY KEY, parent int REFERENCES t_%s (id), label text)', i, i - 1);
-         END LOOP; END $$;",
-        support::RELOAD_BLOCKER_SQL,
-        tables - 2
+         CREATE TABLE t_0 (id int PRIMARY KEY);",
+        support::RELOAD_BLOCKER_SQL
     )
+}
+
+/// Up to `tables` tables, each referencing the one before: PostgREST's reload grows with both. In
+/// transactions of 1,000 tables, within PostgreSQL's default lock table.
+async fn grow_schema(bed: &RealBed, tables: usize) {
+    let last = tables - 2;
+    for first in (1..=last).step_by(1_000) {
+        bed.pg
+            .sql(&format!(
+                "DO $$ BEGIN FOR i IN {first}..{} LOOP
+                   EXECUTE format('CREATE TABLE t_%s (id int PRIMARY KEY, parent int REFERENCES t_%s (id), label text)', i, i - 1);
+                 END LOOP; END $$;",
+                (first + 999).min(last)
+            ))
+            .await;
+    }
+    // PostgREST started on the base schema: the first reload takes in the rest.
+    reload_time(bed).await;
 }
 
 /// PostgREST's own reload: NOTIFY until the load counter has risen, in milliseconds.
@@ -149,7 +163,8 @@ async fn inserts(bed: &RealBed, guard: &GuardProcess, column: &str, waiting: usi
 
 async fn schema_size_rows(family: Family, tables: usize, heals: usize) -> (String, RealBed) {
     let built = Instant::now();
-    let bed = RealBed::start(family, &big_schema(tables)).await;
+    let bed = RealBed::start(family, &base_schema()).await;
+    grow_schema(&bed, tables).await;
     eprintln!("{tables} tables ready in {:.1} s", built.elapsed().as_secs_f64());
     let (reload, reloads) = reload_p50(&bed, 10).await;
     let mut rows = String::new();
@@ -159,8 +174,9 @@ async fn schema_size_rows(family: Family, tables: usize, heals: usize) -> (Strin
         for i in 0..heals {
             let round = stale_round(&bed, &guard, &format!("s{}_{i}", admin_label(with_admin)), 1, 0).await;
             times.extend(round.times);
-            // PostgREST's debounce cool-down, as between two real migrations.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Migrations a second apart: the guard sends at most one NOTIFY per
+            // PGRST_GUARD_RELOAD_MIN_INTERVAL_MS (1 s), and a heal sooner would time that budget.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
         }
         let times = sorted(times);
         let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
@@ -190,7 +206,7 @@ async fn waiting_rows(bed: &RealBed) -> String {
                 notifies.push(r.notifies.to_string());
                 upstream += r.upstream_per_request / rounds as f64;
                 probes += r.probes / rounds as f64;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(Duration::from_millis(1000)).await;
             }
             let times = sorted(times);
             rows.push_str(&format!(
