@@ -31,19 +31,6 @@ fn big_schema(tables: usize) -> String {
     )
 }
 
-/// PostgREST's own reload: NOTIFY until the load counter has risen, in milliseconds.
-async fn reload_time(bed: &RealBed) -> f64 {
-    let before = bed.postgrest.successful_loads().await.expect("v14 has the load counter");
-    let started = Instant::now();
-    bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
-    loop {
-        if bed.postgrest.successful_loads().await.is_some_and(|now| now > before) {
-            return started.elapsed().as_secs_f64() * 1000.0;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 async fn heals(bed: &RealBed, with_admin: bool, heals: usize, first_column: usize) -> Vec<f64> {
     let admin = bed.postgrest.admin_url();
     let mut keys = vec![("PGRST_GUARD_RELOAD_MIN_INTERVAL_MS", "1")];
@@ -79,7 +66,7 @@ async fn main() {
     let bed = RealBed::start(Family::V14, &big_schema(tables)).await;
     let mut reloads = Vec::new();
     for _ in 0..10 {
-        reloads.push(reload_time(&bed).await);
+        reloads.push(bed.reload_time_ms().await);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     reloads.sort_by(f64::total_cmp);

@@ -58,26 +58,13 @@ async fn grow_schema(bed: &RealBed, tables: usize) {
             .await;
     }
     // PostgREST started on the base schema: the first reload takes in the rest.
-    reload_time(bed).await;
-}
-
-/// PostgREST's own reload: NOTIFY until the load counter has risen, in milliseconds.
-async fn reload_time(bed: &RealBed) -> f64 {
-    let before = bed.postgrest.successful_loads().await.expect("v14 has the load counter");
-    let started = Instant::now();
-    bed.pg.sql("NOTIFY pgrst, 'reload schema'").await;
-    loop {
-        if bed.postgrest.successful_loads().await.is_some_and(|now| now > before) {
-            return started.elapsed().as_secs_f64() * 1000.0;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    bed.reload_time_ms().await;
 }
 
 async fn reload_p50(bed: &RealBed, count: usize) -> (f64, Vec<f64>) {
     let mut reloads = Vec::new();
     for _ in 0..count {
-        reloads.push(reload_time(bed).await);
+        reloads.push(bed.reload_time_ms().await);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let reloads = sorted(reloads);

@@ -181,13 +181,7 @@ async fn upstream_requests_per_client_request(family: Family, uncured: Uncured) 
         return; // v16 keeps its old cache when a reload fails: nothing to wait out.
     }
     let before = bed.postgrest.access_log_lines("POST /chat_messages");
-    let mut tasks = Vec::new();
-    for i in 0..CLIENTS {
-        let (http, url) = (bed.http.clone(), format!("{}/chat_messages", guard.url()));
-        tasks.push(tokio::spawn(async move {
-            http.post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":["a"]}}"#)).await
-        }));
-    }
+    let tasks = spawn_inserts(&bed, &guard, CLIENTS);
     if uncured == Uncured::Refused {
         let answered = support::client::eventually(Duration::from_secs(5), || async {
             bed.postgrest.access_log_lines("POST /chat_messages") - before >= CLIENTS
@@ -258,13 +252,7 @@ family_matrix!(without_the_admin_url_one_request_probes_a_slow_reload_for_all, |
     bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
     let blocker = support::ReloadBlocker::hold(&bed.pg).await;
     let before = bed.postgrest.access_log_lines("POST /chat_messages");
-    let mut tasks = Vec::new();
-    for i in 0..CLIENTS {
-        let (http, url) = (bed.http.clone(), format!("{}/chat_messages", guard.url()));
-        tasks.push(tokio::spawn(async move {
-            http.post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":["a"]}}"#)).await
-        }));
-    }
+    let tasks = spawn_inserts(&bed, &guard, CLIENTS);
     let waiting = support::client::eventually(Duration::from_secs(10), || blocker.reload_waiting()).await;
     assert!(waiting, "the premise: the guard's reload waits on the lock");
     // A slow reload: long enough for every waiting request's own back-off to have replayed thrice.
@@ -287,6 +275,22 @@ family_matrix!(without_the_admin_url_one_request_probes_a_slow_reload_for_all, |
         "each request's own and one successful replay, and the probes: {reached}"
     );
 });
+
+/// `clients` inserts with the new column at once, each on its own task.
+fn spawn_inserts(
+    bed: &RealBed,
+    guard: &pgrst_guard::RunningGuard,
+    clients: usize,
+) -> Vec<tokio::task::JoinHandle<support::client::TestResponse>> {
+    (0..clients)
+        .map(|i| {
+            let (http, url) = (bed.http.clone(), format!("{}/chat_messages", guard.url()));
+            tokio::spawn(
+                async move { http.post_json(&url, &format!(r#"{{"content":"c{i}","artifact_ids":["a"]}}"#)).await },
+            )
+        })
+        .collect()
+}
 
 fn metric(metrics: &str, series: &str) -> u64 {
     metrics.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)

@@ -70,6 +70,19 @@ impl RealBed {
         Self::start_with(family, setup_sql, |o| o).await
     }
 
+    /// PostgREST's own reload, in ms: NOTIFY until its load counter has risen (12.2 and later).
+    pub async fn reload_time_ms(&self) -> f64 {
+        let before = self.postgrest.successful_loads().await.expect("this family has the load counter");
+        let started = std::time::Instant::now();
+        self.pg.sql("NOTIFY pgrst, 'reload schema'").await;
+        loop {
+            if self.postgrest.successful_loads().await.is_some_and(|now| now > before) {
+                return started.elapsed().as_secs_f64() * 1000.0;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     pub async fn start_with(
         family: Family,
         setup_sql: &str,
