@@ -269,10 +269,12 @@ family_matrix!(without_the_admin_url_one_request_probes_a_slow_reload_for_all, |
     let reached = bed.postgrest.access_log_lines("POST /chat_messages") - before;
     println!("{family:?}: {CLIENTS} requests waiting on a reload held 700 ms cost {reached} PostgREST requests, {probes} of them probes");
     assert!((1..=pgrst_guard::heal::budget::MAX_PROBES as usize).contains(&probes), "{probes} probes");
-    // A few requests may replay once more when their turn came just before the prober took its seat.
+    // Each request's own and its successful replay, the probes, and on a busy machine about one
+    // failing replay more for a request whose back-off came before the prober took its seat. Without
+    // probing each request replayed about four times, failing, during such a reload.
     assert!(
-        reached <= 2 * CLIENTS + probes + CLIENTS / 4,
-        "each request's own and one successful replay, and the probes: {reached}"
+        reached <= 3 * CLIENTS + probes,
+        "each request's own and one successful replay, the probes, and at most one failing replay each: {reached}"
     );
 });
 
