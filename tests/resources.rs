@@ -75,8 +75,8 @@ async fn a_connection_costs_one_descriptor() {
 async fn ten_thousand_connections_with_a_megabyte_body_each_stay_within_the_stated_memory() {
     const CONNECTIONS: usize = 10_000;
     const BODY: usize = 1 << 20;
-    // README: 967–1,029 MiB measured; held under 1.1 GiB.
-    const STATED_MIB: u64 = 1126;
+    // README: 967–1,047 MiB measured; held under 1.2 GiB.
+    const STATED_MIB: u64 = 1229;
     // This process holds the clients' ends and the stand-in's.
     pgrst_guard::server::raise_open_files_limit(0);
     let bed = support::pg::TestCluster::start().await;
