@@ -491,7 +491,8 @@ pub fn sign_hs256(secret: &str, claims: &serde_json::Value) -> String {
     format!("{signing_input}.{}", base64url(signature.as_ref()))
 }
 
-fn base64url(bytes: &[u8]) -> String {
+/// Base64url without padding, as JWTs spell their parts.
+pub fn base64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len() * 4 / 3 + 4);
     for chunk in bytes.chunks(3) {
