@@ -15,9 +15,7 @@ pub type GuardFuture = std::pin::Pin<
 /// The body of every answer: an upstream body as it streams in (the common case, with no box), a
 /// buffer the guard made or read, or any other body, boxed.
 pub enum GuardBody {
-    Upstream(crate::upstream::UpstreamBody),
-    /// The (empty) body of an upgrade's 101 answer, whose connection became a tunnel.
-    Tunnel(hyper::body::Incoming),
+    Upstream(hyper::body::Incoming),
     Buffered(Option<Bytes>),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -47,7 +45,6 @@ impl http_body::Body for GuardBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             GuardBody::Upstream(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into),
-            GuardBody::Tunnel(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into),
             GuardBody::Buffered(bytes) => std::task::Poll::Ready(bytes.take().map(|b| Ok(http_body::Frame::data(b)))),
             GuardBody::Boxed(body) => std::pin::Pin::new(body).poll_frame(cx),
         }
@@ -56,7 +53,6 @@ impl http_body::Body for GuardBody {
     fn is_end_stream(&self) -> bool {
         match self {
             GuardBody::Upstream(body) => body.is_end_stream(),
-            GuardBody::Tunnel(body) => body.is_end_stream(),
             GuardBody::Buffered(bytes) => bytes.is_none(),
             GuardBody::Boxed(body) => body.is_end_stream(),
         }
@@ -65,7 +61,6 @@ impl http_body::Body for GuardBody {
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             GuardBody::Upstream(body) => body.size_hint(),
-            GuardBody::Tunnel(body) => body.size_hint(),
             GuardBody::Buffered(bytes) => http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             GuardBody::Boxed(body) => body.size_hint(),
         }

@@ -7,7 +7,7 @@
 //!              └─► heal::HealLayer   classify the answer; on a stale schema cache:
 //!                    │                 reload::ReloadCoordinator  (one NOTIFY for many requests,
 //!                    │                 wait for PostgREST's load counter or back off), replay once
-//!                    └─► upstream::Forwarder  (keep-alive connections driven by the request, header hygiene)
+//!                    └─► upstream::Forwarder  (pooled keep-alive client, header hygiene)
 //!                          └─► PostgREST
 //! ```
 //!
