@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 fn sandbox_command(args: &[&str], postgrest_dir: &str) -> Command {
@@ -16,6 +16,26 @@ fn sandbox_command(args: &[&str], postgrest_dir: &str) -> Command {
         .env("PGRST_GUARD_TEST_POSTGREST", postgrest_dir)
         .env("PATH", "/usr/local/bin:/usr/bin:/bin");
     command
+}
+
+/// The sandbox on `port` with `args`, once it has printed its `ready in` line: the child, the rest
+/// of its output, and what it printed until then.
+fn start_sandbox(port: u16, args: &[&str]) -> (Child, std::io::Lines<BufReader<ChildStdout>>, String) {
+    let listen = format!("127.0.0.1:{port}");
+    let all_args: Vec<&str> = ["--listen", listen.as_str()].into_iter().chain(args.iter().copied()).collect();
+    let dir = support::postgrest::binaries_dir();
+    let mut child = sandbox_command(&all_args, dir.to_str().unwrap()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("ready in") {
+            break;
+        }
+    }
+    (child, lines, seen)
 }
 
 /// The `files` line: the directory the sandbox made.
@@ -58,24 +78,7 @@ async fn a_developers_migrations_become_the_api_until_sigterm() {
     std::fs::write(migrations.join("001_todos.sql"), "CREATE TABLE todos (id serial PRIMARY KEY, title text)").unwrap();
     std::fs::write(migrations.join("002_seed.sql"), "INSERT INTO todos (title) VALUES ('write tests')").unwrap();
     let port = support::pg::free_port();
-    let dir = support::postgrest::binaries_dir();
-    let mut child = sandbox_command(
-        &["--listen", &format!("127.0.0.1:{port}"), "--migrations", migrations.to_str().unwrap()],
-        dir.to_str().unwrap(),
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("ready in") {
-            break;
-        }
-    }
+    let (mut child, _, seen) = start_sandbox(port, &["--migrations", migrations.to_str().unwrap()]);
     let r = support::client::HttpClient::new().get(&format!("http://127.0.0.1:{port}/todos")).await;
     assert_eq!(r.json(), serde_json::json!([{"id": 1, "title": "write tests"}]), "{seen}");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -129,24 +132,7 @@ async fn a_supabase_projects_migrations_run_as_written_and_watch_heals_the_next_
     )
     .unwrap();
     let port = support::pg::free_port();
-    let dir = support::postgrest::binaries_dir();
-    let mut child = sandbox_command(
-        &["--listen", &format!("127.0.0.1:{port}"), "--migrations", migrations.to_str().unwrap(), "--watch"],
-        dir.to_str().unwrap(),
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("ready in") {
-            break;
-        }
-    }
+    let (mut child, lines, seen) = start_sandbox(port, &["--migrations", migrations.to_str().unwrap(), "--watch"]);
     let field = |name: &str| {
         seen.lines()
             .find_map(|l| l.strip_prefix(name))
