@@ -83,6 +83,11 @@ impl RealBed {
         }
     }
 
+    /// A clock for the reloads that heals cause (12.2 and later): see [`ReloadClock`].
+    pub async fn reload_clock(&self) -> ReloadClock {
+        ReloadClock::listen(&self.pg.uri("postgres")).await
+    }
+
     pub async fn start_with(
         family: Family,
         setup_sql: &str,
@@ -119,6 +124,54 @@ impl RealBed {
     /// One number from the database, e.g. `SELECT count(*) FROM t`.
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.pg.connect("postgres").await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    }
+}
+
+/// Times the reload a piece of work causes, whoever sends its NOTIFY: from the moment the NOTIFY
+/// reaches a listener of its own (PostgREST hears it at the same moment) to the rise of PostgREST's
+/// load counter. Heal time minus this is what the heal adds to that very reload, with PostgREST's
+/// spread of reload times taken out.
+pub struct ReloadClock {
+    heard: tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
+    _client: tokio_postgres::Client,
+}
+
+impl ReloadClock {
+    async fn listen(db_uri: &str) -> ReloadClock {
+        use futures_util::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(db_uri, tokio_postgres::NoTls).await.expect("connect");
+        let (sender, heard) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    if n.payload() == "reload schema" || n.payload().is_empty() {
+                        let _ = sender.send(std::time::Instant::now());
+                    }
+                }
+            }
+        });
+        client.batch_execute("LISTEN pgrst").await.expect("LISTEN");
+        ReloadClock { heard, _client: client }
+    }
+
+    /// Runs `work`; returns its output and, in ms, the reload it caused: from its first NOTIFY heard
+    /// to the load counter's rise (polled every 2 ms).
+    pub async fn time<F: std::future::Future>(&mut self, bed: &RealBed, work: F) -> (F::Output, f64) {
+        while self.heard.try_recv().is_ok() {}
+        let baseline = bed.postgrest.successful_loads().await.expect("this family has the load counter");
+        let rise = async {
+            loop {
+                if bed.postgrest.successful_loads().await.is_some_and(|now| now > baseline) {
+                    return std::time::Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let (output, risen) = tokio::join!(work, tokio::time::timeout(Duration::from_secs(60), rise));
+        let heard = self.heard.try_recv().expect("the work's NOTIFY was heard");
+        let risen = risen.expect("the reload finished within a minute");
+        (output, risen.duration_since(heard).as_secs_f64() * 1000.0)
     }
 }
 
