@@ -32,7 +32,8 @@ pub async fn start_guard_without_waiting(upstream: &str, db_uri: &str, extra: &[
 
 /// Counts `reload schema` (and empty) NOTIFYs on a channel, as PostgREST's listener would see them.
 pub struct NotifyCounter {
-    count: Arc<AtomicU64>,
+    /// When each one arrived.
+    heard: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
     /// The newest barrier payload heard (see [`NotifyCounter::settled`]).
     barriers: tokio::sync::watch::Receiver<u64>,
     next_barrier: AtomicU64,
@@ -51,15 +52,15 @@ impl Drop for NotifyCounter {
 impl NotifyCounter {
     pub async fn listen(db_uri: &str, channel: &str) -> NotifyCounter {
         let (client, mut connection) = tokio_postgres::connect(db_uri, NoTls).await.expect("counter connects");
-        let count = Arc::new(AtomicU64::new(0));
-        let counted = count.clone();
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let counted = heard.clone();
         let (barrier, barriers) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
                 if let AsyncMessage::Notification(n) = message {
                     if n.payload() == "reload schema" || n.payload().is_empty() {
-                        counted.fetch_add(1, Ordering::AcqRel);
+                        counted.lock().expect("the NOTIFY log is never poisoned").push(std::time::Instant::now());
                     } else if let Some(number) = n.payload().strip_prefix("test barrier ") {
                         barrier.send_replace(number.parse().unwrap_or(0));
                     }
@@ -68,7 +69,7 @@ impl NotifyCounter {
         });
         client.batch_execute(&format!("LISTEN \"{channel}\"")).await.expect("LISTEN");
         NotifyCounter {
-            count,
+            heard,
             barriers,
             next_barrier: AtomicU64::new(1),
             db_uri: db_uri.to_string(),
@@ -80,7 +81,12 @@ impl NotifyCounter {
 
     /// NOTIFYs counted so far (some may still be on their way: see [`NotifyCounter::settled`]).
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
+        self.heard.lock().expect("the NOTIFY log is never poisoned").len() as u64
+    }
+
+    /// When NOTIFY number `index` (from 0, in order of arrival) arrived.
+    pub fn heard_at(&self, index: u64) -> Option<std::time::Instant> {
+        self.heard.lock().expect("the NOTIFY log is never poisoned").get(index as usize).copied()
     }
 
     /// The count once every NOTIFY committed before this call has arrived: a NOTIFY with a payload

@@ -85,7 +85,7 @@ impl RealBed {
 
     /// A clock for the reloads that heals cause (12.2 and later): see [`ReloadClock`].
     pub async fn reload_clock(&self) -> ReloadClock {
-        ReloadClock::listen(&self.pg.uri("postgres")).await
+        ReloadClock { notifies: self.notify_counter().await }
     }
 
     pub async fn start_with(
@@ -132,33 +132,14 @@ impl RealBed {
 /// load counter. Heal time minus this is what the heal adds to that very reload, with PostgREST's
 /// spread of reload times taken out.
 pub struct ReloadClock {
-    heard: tokio::sync::mpsc::UnboundedReceiver<std::time::Instant>,
-    _client: tokio_postgres::Client,
+    notifies: guard::NotifyCounter,
 }
 
 impl ReloadClock {
-    async fn listen(db_uri: &str) -> ReloadClock {
-        use futures_util::StreamExt;
-        let (client, mut connection) = tokio_postgres::connect(db_uri, tokio_postgres::NoTls).await.expect("connect");
-        let (sender, heard) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    if n.payload() == "reload schema" || n.payload().is_empty() {
-                        let _ = sender.send(std::time::Instant::now());
-                    }
-                }
-            }
-        });
-        client.batch_execute("LISTEN pgrst").await.expect("LISTEN");
-        ReloadClock { heard, _client: client }
-    }
-
     /// Runs `work`; returns its output and, in ms, the reload it caused: from its first NOTIFY heard
     /// to the load counter's rise (polled every 2 ms).
     pub async fn time<F: std::future::Future>(&mut self, bed: &RealBed, work: F) -> (F::Output, f64) {
-        while self.heard.try_recv().is_ok() {}
+        let earlier = self.notifies.count();
         let baseline = bed.postgrest.successful_loads().await.expect("this family has the load counter");
         let rise = async {
             loop {
@@ -169,7 +150,7 @@ impl ReloadClock {
             }
         };
         let (output, risen) = tokio::join!(work, tokio::time::timeout(Duration::from_secs(60), rise));
-        let heard = self.heard.try_recv().expect("the work's NOTIFY was heard");
+        let heard = self.notifies.heard_at(earlier).expect("the work's NOTIFY was heard");
         let risen = risen.expect("the reload finished within a minute");
         (output, risen.duration_since(heard).as_secs_f64() * 1000.0)
     }
