@@ -364,7 +364,9 @@ pub async fn inspect(
             // A type error is healed only for a write to a table, whoever names it (an RPC casts
             // its arguments the same way), and only when the body's cast surely raised it.
             let verdict = match &verdict {
-                Verdict::Stale { code: StaleCode::ColumnType(_), .. } if !request.shows_a_body_cast(message.as_deref()) => {
+                Verdict::Stale { code: StaleCode::ColumnType(_), .. }
+                    if !request.shows_a_body_cast(message.as_deref()) =>
+                {
                     Verdict::PassThrough
                 }
                 Verdict::Stale { code: StaleCode::ColumnType(_), .. } => attribute(verdict, request),
@@ -426,7 +428,12 @@ fn is_json<B>(response: &Response<B>) -> bool {
 }
 
 /// The verdict a read error body gives, with PostgREST's (or PostgreSQL's) message.
-fn body_verdict(status: StatusCode, method: &Method, body: &[u8], header_code: Option<&str>) -> (Verdict, Option<String>) {
+fn body_verdict(
+    status: StatusCode,
+    method: &Method,
+    body: &[u8],
+    header_code: Option<&str>,
+) -> (Verdict, Option<String>) {
     let parsed: Option<PostgrestError> = serde_json::from_slice(body).ok();
     if status == StatusCode::NOT_FOUND && body == b"{}" && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
     {

@@ -154,6 +154,8 @@ struct State {
     /// oldest first, so the oldest goes in O(1) (an entry whose answer was replaced since is skipped).
     known: HashMap<CheckKey, Answered>,
     answered_order: VecDeque<(CheckKey, Instant)>,
+    /// The names the remembered answers' keys hold, in bytes, bounded by [`MAX_KEY_BYTES`].
+    known_bytes: usize,
     /// Objects waiting for the next batch, each with the channel its answer goes out on.
     queued: HashMap<CheckKey, watch::Sender<Option<Answered>>>,
     /// Catalog objects a completed reload did not cure, by identity, with the fingerprint they had
@@ -183,6 +185,9 @@ pub struct CatalogCheck {
 
 /// Objects remembered at most (answers, and uncured definitions); the oldest are forgotten first.
 const MAX_KEYS: usize = 10_000;
+/// The names remembered answers may hold in all: a flood of long distinct names (a call with a
+/// hundred 63-byte argument names is 6 KiB) costs at most this, however many keys it brings.
+const MAX_KEY_BYTES: usize = 4 << 20;
 /// A batch's queries end by then, whatever the database does.
 const BATCH_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -208,8 +213,7 @@ impl CatalogCheck {
         requested_at: Instant,
         deadline: Instant,
     ) -> CatalogReply {
-        let unknown =
-            || CatalogReply { answer: CatalogAnswer::Unknown, known_since: Instant::now(), definition: None };
+        let unknown = || CatalogReply { answer: CatalogAnswer::Unknown, known_since: Instant::now(), definition: None };
         if *object == MissingObject::Unknown {
             return unknown();
         }
@@ -268,6 +272,12 @@ impl CatalogCheck {
         }
     }
 
+    /// What the check remembers now: answers, the bytes of their keys' names, and marks.
+    pub fn remembered(&self) -> Remembered {
+        let state = self.shared.state.lock().expect("catalog lock");
+        Remembered { answers: state.known.len(), answer_bytes: state.known_bytes, marks: state.marks.len() }
+    }
+
     /// Is the object, in this definition, doubted or uncurable?
     pub fn marked(&self, definition: &Definition) -> bool {
         let state = self.shared.state.lock().expect("catalog lock");
@@ -309,7 +319,10 @@ fn names_fit(object: &MissingObject, schema: &str) -> bool {
             }
             // MaxHeapAttributeNumber is 1600.
             MissingObject::ColumnTypes { table, columns, column, .. } => {
-                fits(table) && columns.len() <= 1600 && columns.iter().all(|c| fits(c)) && column.as_deref().is_none_or(fits)
+                fits(table)
+                    && columns.len() <= 1600
+                    && columns.iter().all(|c| fits(c))
+                    && column.as_deref().is_none_or(fits)
             }
             MissingObject::Unknown => false,
         }
@@ -385,20 +398,61 @@ async fn run_batches(shared: Weak<Shared>) {
 /// Keeps `answered` as the newest answer for `key`, forgetting the oldest answers beyond
 /// [`MAX_KEYS`] in O(1) each, whatever keys a flood brings.
 fn remember(state: &mut State, key: CheckKey, answered: Answered) {
-    while state.known.len() >= MAX_KEYS && !state.known.contains_key(&key) {
+    let size = key_bytes(&key);
+    if let Some(previous) = state.known.remove(&key) {
+        state.known_bytes -= size;
+        drop(previous);
+    }
+    while state.known.len() >= MAX_KEYS || state.known_bytes + size > MAX_KEY_BYTES {
         let Some((oldest, began)) = state.answered_order.pop_front() else { break };
         if state.known.get(&oldest).is_some_and(|current| current.began == began) {
             state.known.remove(&oldest);
+            state.known_bytes -= key_bytes(&oldest);
         }
     }
     state.answered_order.push_back((key.clone(), answered.began));
     state.known.insert(key, answered);
+    state.known_bytes += size;
     // Entries of answers replaced since: dropped once they outnumber the live ones.
     if state.answered_order.len() > 2 * MAX_KEYS {
         let known = &state.known;
         state.answered_order.retain(|(key, began)| known.get(key).is_some_and(|current| current.began == *began));
     }
 }
+
+/// The bytes of names a key holds (twice: the map's copy and the order's).
+fn key_bytes((schema, object): &CheckKey) -> usize {
+    let names: usize = match object {
+        MissingObject::Column { table, column } => table.len() + column.len(),
+        MissingObject::Table { schema, table } => schema.len() + table.len(),
+        MissingObject::Function { schema, name, args, .. } => {
+            schema.len() + name.len() + args.iter().map(|a| a.len() + 24).sum::<usize>()
+        }
+        MissingObject::Relationship { parent, child, hint } => {
+            parent.len() + child.len() + hint.as_ref().map_or(0, String::len)
+        }
+        MissingObject::ColumnTypes { table, columns, cast_to, column, current } => {
+            table.len()
+                + columns.iter().map(|c| c.len() + 24).sum::<usize>()
+                + cast_to.len()
+                + column.as_ref().map_or(0, String::len)
+                + current.as_ref().map_or(0, String::len)
+        }
+        MissingObject::Unknown => 0,
+    };
+    2 * (schema.len() + names + 128)
+}
+
+/// The size of what a [`CatalogCheck`] remembers.
+#[derive(Clone, Copy, Debug)]
+pub struct Remembered {
+    pub answers: usize,
+    pub answer_bytes: usize,
+    pub marks: usize,
+}
+
+/// Answers remembered at most, and the bytes their keys may hold: see [`MAX_KEYS`], [`MAX_KEY_BYTES`].
+pub const REMEMBERED_LIMITS: (usize, usize) = (MAX_KEYS, MAX_KEY_BYTES);
 
 /// What the catalog said of one object: would PostgREST cache it, and which object it is.
 #[derive(Clone)]
@@ -487,44 +541,52 @@ impl KindBatch {
     }
 
     /// Runs `sql` (parameters: one text array per value, rows: `idx` from 1, `cached`, `identity`,
-    /// `fingerprint`) and pairs each answer with its batch index.
+    /// `fingerprint`) and pairs each answer with its batch index. A large batch (a flood of distinct
+    /// keys) goes in chunks of [`CHUNK_KEYS`], one after another: each query stays short, so none
+    /// outlasts the connection's operation timeout and costs the connection every heal needs.
     async fn run(self, database: &Database, sql: &str, deadline: Instant) -> Vec<(usize, Option<Resolved>)> {
-        if self.indexes.is_empty() {
-            return Vec::new();
-        }
-        let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = self
-            .params
-            .iter()
-            .map(|column| (column as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY))
-            .collect();
         let mut answers: Vec<Option<Resolved>> = vec![None; self.indexes.len()];
-        match database.query(deadline, sql, &params).await {
-            Ok(rows) => {
-                for row in rows {
-                    let (Ok(idx), Ok(cached), Ok(identity), Ok(fingerprint)) = (
-                        row.try_get::<_, i64>("idx"),
-                        row.try_get::<_, bool>("cached"),
-                        row.try_get::<_, Option<String>>("identity"),
-                        row.try_get::<_, Option<String>>("fingerprint"),
-                    ) else {
-                        continue;
-                    };
-                    let definition = match (identity, fingerprint) {
-                        (Some(identity), Some(fingerprint)) => {
-                            Some(Definition { identity: identity.into(), fingerprint: fingerprint.into() })
-                        }
-                        _ => None,
-                    };
-                    if let Some(slot) = usize::try_from(idx - 1).ok().and_then(|i| answers.get_mut(i)) {
-                        *slot = Some(Resolved { cached, definition });
+        for start in (0..self.indexes.len()).step_by(CHUNK_KEYS) {
+            let end = (start + CHUNK_KEYS).min(self.indexes.len());
+            let chunk: Vec<Vec<Option<String>>> =
+                self.params.iter().map(|column| column[start..end].to_vec()).collect();
+            let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = chunk
+                .iter()
+                .map(|column| (column as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY))
+                .collect();
+            let rows = match database.query(deadline, sql, &params).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog check failed");
+                    break;
+                }
+            };
+            for row in rows {
+                let (Ok(idx), Ok(cached), Ok(identity), Ok(fingerprint)) = (
+                    row.try_get::<_, i64>("idx"),
+                    row.try_get::<_, bool>("cached"),
+                    row.try_get::<_, Option<String>>("identity"),
+                    row.try_get::<_, Option<String>>("fingerprint"),
+                ) else {
+                    continue;
+                };
+                let definition = match (identity, fingerprint) {
+                    (Some(identity), Some(fingerprint)) => {
+                        Some(Definition { identity: identity.into(), fingerprint: fingerprint.into() })
                     }
+                    _ => None,
+                };
+                if let Some(slot) = usize::try_from(idx - 1).ok().and_then(|i| answers.get_mut(start + i)) {
+                    *slot = Some(Resolved { cached, definition });
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "catalog check failed"),
         }
         self.indexes.into_iter().zip(answers).collect()
     }
 }
+
+/// Keys of one kind in one query at most.
+const CHUNK_KEYS: usize = 500;
 
 impl CallShape {
     /// How the SQL names it.
