@@ -271,3 +271,63 @@ async fn a_flood_of_distinct_long_names_stays_within_a_memory_bound() {
     println!("resident: {before} MiB after 2,000 calls, {after} MiB after {total}");
     assert!(after <= before + 32, "{before} MiB grew to {after} MiB");
 }
+
+/// A mark holds while what PostgREST caches is unchanged: TRUNCATE, GRANT, VACUUM FULL, CLUSTER
+/// and an identical CREATE OR REPLACE keep it; a changed column type or argument ends it.
+#[tokio::test]
+async fn marks_follow_definitions_not_row_versions() {
+    use pgrst_guard::heal::classify::{CallShape, MissingObject};
+    use pgrst_guard::reload::catalog::{CatalogAnswer, CatalogCheck};
+    let bed = RealBed::start(
+        Family::V14,
+        "CREATE TABLE kept (id int PRIMARY KEY, n int); INSERT INTO kept VALUES (1, 1);
+         CREATE FUNCTION ping(a int) RETURNS int LANGUAGE sql AS 'SELECT a';",
+    )
+    .await;
+    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let check = CatalogCheck::new(guard.database.clone(), std::time::Duration::from_millis(1));
+    let column = MissingObject::Column { table: "kept".into(), column: "n".into() };
+    let function = MissingObject::Function {
+        schema: "public".into(),
+        name: "ping".into(),
+        args: vec!["a".into()],
+        call: CallShape::Json,
+        single_argument_unnamed: true,
+    };
+    let ask = |object: &MissingObject| {
+        let (check, object) = (&check, object.clone());
+        async move {
+            let now = tokio::time::Instant::now();
+            check.check(&object, "public", now, now + std::time::Duration::from_secs(10)).await
+        }
+    };
+    for object in [&column, &function] {
+        let reply = ask(object).await;
+        assert_eq!(reply.answer, CatalogAnswer::Exists, "{object:?}");
+        check.doubt(&reply.definition.expect("a definition"));
+        assert_eq!(ask(object).await.answer, CatalogAnswer::Doubted);
+    }
+    for statement in [
+        "TRUNCATE kept",
+        "GRANT SELECT ON kept TO PUBLIC",
+        "VACUUM FULL kept",
+        "CLUSTER kept USING kept_pkey",
+        "CREATE OR REPLACE FUNCTION ping(a int) RETURNS int LANGUAGE sql AS 'SELECT a'",
+        "GRANT EXECUTE ON FUNCTION ping(int) TO PUBLIC",
+    ] {
+        bed.pg.sql(statement).await;
+    }
+    for object in [&column, &function] {
+        assert_eq!(ask(object).await.answer, CatalogAnswer::Doubted, "{object:?} after row-version changes");
+    }
+    bed.pg
+        .sql(
+            "ALTER TABLE kept ALTER COLUMN n TYPE bigint;
+             CREATE OR REPLACE FUNCTION ping(a int, b int DEFAULT 0) RETURNS int LANGUAGE sql AS 'SELECT a';
+             DROP FUNCTION ping(int);",
+        )
+        .await;
+    for object in [&column, &function] {
+        assert_eq!(ask(object).await.answer, CatalogAnswer::Exists, "{object:?} after its definition changed");
+    }
+}
