@@ -61,9 +61,15 @@ async fn a_guard_pointed_at_a_standby_says_it_cannot_notify_until_it_is_promoted
     let primary = TestCluster::start().await;
     let standby = TestCluster::start_standby_of(&primary).await;
     assert!(standby.in_recovery().await, "the premise: a hot standby");
-    // PostgREST's port, reachable: readiness is about forwarding, the database is reported.
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // PostgREST's port, reachable (accepting, so that no backlog fills): readiness is about
+    // forwarding, the database is reported.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_url = format!("http://{}", upstream.local_addr().unwrap());
+    let accepting = tokio::spawn(async move {
+        while let Ok((connection, _)) = upstream.accept().await {
+            drop(connection);
+        }
+    });
     let guard = GuardProcess::start(&upstream_url, &standby.uri("postgres"), &[]).await;
     let http = HttpClient::new();
     let (readyz, metrics) = (format!("http://{}/readyz", guard.admin), format!("http://{}/metrics", guard.admin));
@@ -113,6 +119,7 @@ async fn a_guard_pointed_at_a_standby_says_it_cannot_notify_until_it_is_promoted
     assert_eq!(metric(&text, "pgrst_guard_database_connected "), Some(1), "{text}");
     assert_eq!(metric(&text, "pgrst_guard_database_cannot_notify{reason=\"standby\"}"), Some(0), "{text}");
     assert!(guard.log().contains("can NOTIFY again"), "{}", guard.log());
+    accepting.abort();
 }
 
 // `host=standby,primary` with target_session_attrs=read-write: the guard skips the standby listed
