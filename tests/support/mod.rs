@@ -12,6 +12,7 @@ pub mod pgbouncer;
 pub mod pki;
 pub mod postgrest;
 pub mod relay;
+pub mod replica;
 pub mod stale_upstream;
 
 use std::time::Duration;
