@@ -35,6 +35,9 @@ pub enum GuardErrorKind {
     MethodNotAllowed,
     /// The guard itself failed on this request (a panic, caught): 500.
     Internal,
+    /// A write waited for PostgREST's schema cache to hold its target's current definition, and
+    /// the heal deadline passed first: 503, nothing was sent.
+    SchemaReloading,
 }
 
 #[derive(Debug)]
@@ -116,6 +119,13 @@ impl GuardError {
                 "Unsupported HTTP method.",
                 Some("PostgREST serves GET, HEAD, POST, PATCH, PUT, DELETE and OPTIONS."),
                 "http_request_denied",
+            ),
+            GuardErrorKind::SchemaReloading => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PGRSTG12",
+                "PostgREST is reloading its schema cache after a migration. The write was not sent, so it is safe to send again.",
+                Some("Retry shortly. A write sent now would be stored with the types or defaults the old cache has."),
+                "destination_unavailable",
             ),
             GuardErrorKind::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

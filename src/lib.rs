@@ -44,7 +44,7 @@ use gateway::Gateway;
 use heal::replay_body::ReplayBody;
 use heal::{HealLayer, HealPolicy};
 use metrics::Metrics;
-use reload::{CatalogCheck, Database, DatabaseSettings, LoadCounter, ReloadCoordinator, WaitSettings};
+use reload::{CatalogCheck, Database, DatabaseSettings, LoadCounter, ReloadCoordinator, WaitSettings, WriteBarrier};
 use server::ServerLimits;
 use upstream::Forwarder;
 
@@ -68,6 +68,7 @@ struct ServiceStack {
     coordinator: Arc<ReloadCoordinator>,
     policy: HealPolicy,
     catalog: Option<Arc<CatalogCheck>>,
+    barrier: Option<Arc<WriteBarrier>>,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +87,7 @@ impl ServiceStack {
         let config = &self.config;
         let rest =
             HealLayer::new(self.coordinator.clone(), self.policy.clone(), self.metrics.clone(), self.catalog.clone())
+                .with_write_barrier(self.barrier.clone())
                 .layer(
                     Forwarder::<ReplayBody<RequestBody>>::new(&config.upstream, config, self.https.clone())
                         .with_metrics(self.metrics.clone()),
@@ -165,7 +167,18 @@ impl RunningGuard {
         };
         let https = tls::https_config(config.upstream_ca_file.as_deref())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let load_counters = config.upstream_admin.iter().map(|admin| LoadCounter::new(admin, https.clone())).collect();
+        let load_counters: Vec<LoadCounter> =
+            config.upstream_admin.iter().map(|admin| LoadCounter::new(admin, https.clone())).collect();
+        let barrier = config.write_barrier.then(|| {
+            WriteBarrier::start(
+                database.clone(),
+                load_counters.clone(),
+                config.db_schemas.clone(),
+                config.admin_poll,
+                config.heal_deadline,
+                metrics.clone(),
+            )
+        });
         let coordinator = ReloadCoordinator::start(database.clone(), load_counters, settings);
         let policy = HealPolicy {
             replay_body_limit: config.replay_body_limit,
@@ -176,8 +189,15 @@ impl RunningGuard {
         };
         let catalog =
             config.catalog_check.then(|| Arc::new(CatalogCheck::new(database.clone(), config.catalog_recheck)));
-        let stack =
-            ServiceStack { config: config.clone(), https, coordinator, policy, catalog, metrics: metrics.clone() };
+        let stack = ServiceStack {
+            config: config.clone(),
+            https,
+            coordinator,
+            policy,
+            catalog,
+            barrier: barrier.clone(),
+            metrics: metrics.clone(),
+        };
         let limits = ServerLimits {
             header_read_timeout: config.header_read_timeout,
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
@@ -222,6 +242,18 @@ impl RunningGuard {
                 shutdown_rx,
                 ServerLimits::admin(),
             )));
+        }
+        if let Some(barrier) = &barrier {
+            if barrier.can_prove() {
+                // The first proof (two loads after a schema snapshot) before the guard says it
+                // listens: writes wait for it anyway, and its NOTIFYs belong to the start.
+                let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
+                if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
+                    tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one");
+                }
+            } else {
+                tracing::warn!("write barrier: without PGRST_GUARD_UPSTREAM_ADMIN the guard cannot prove that PostgREST's cache holds current types and defaults; writes are forwarded unverified (pgrst_guard_write_barrier_total{{result=\"unverified\"}})");
+            }
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.iter().map(ToString::to_string).collect::<Vec<_>>(), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
         Ok(RunningGuard { addr, admin_addr, metrics, database, shutdown, tasks, workers })

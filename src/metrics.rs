@@ -41,6 +41,9 @@ pub struct Metrics {
     database_cannot_notify: IntGaugeVec,
     database_reconnects: IntCounterVec,
     heal_wait: Histogram,
+    write_barrier: IntCounterVec,
+    write_barrier_reloads: IntCounter,
+    write_hold: Histogram,
     request_duration: Histogram,
     upstream_latency: Histogram,
     /// One scrape at a time: the counters fed from elsewhere are brought up to date while rendering.
@@ -140,6 +143,21 @@ impl Default for Metrics {
                 &["cause"],
             ),
             heal_wait: histogram("pgrst_guard_heal_wait_seconds", "Time from a schema-cache error to the answer sent."),
+            write_barrier: counter_vec(
+                "pgrst_guard_write_barrier_total",
+                "Writes checked by the write barrier, by result: current (the cache is shown to hold what the \
+                 write depends on), held (it waited for a reload), unverified (no admin URL or no database: \
+                 forwarded unproved), timed_out (answered 503, not sent).",
+                &["result"],
+            ),
+            write_barrier_reloads: counter(
+                "pgrst_guard_write_barrier_reloads_total",
+                "Proofs the write barrier ran: a schema snapshot, then reloads until two loads follow it.",
+            ),
+            write_hold: histogram(
+                "pgrst_guard_write_hold_seconds",
+                "Time a write waited for the write barrier's proof.",
+            ),
             request_duration: histogram("pgrst_guard_request_duration_seconds", "Time from request to response head."),
             upstream_latency: histogram(
                 "pgrst_guard_upstream_latency_seconds",
@@ -178,6 +196,18 @@ impl Metrics {
     /// An upstream request that got no answer: `never_sent`, `no_answer` or `timeout`.
     pub fn upstream_failed(&self, result: &'static str) {
         self.upstream_requests.with_label_values(&[result]).inc();
+    }
+
+    pub fn write_barrier(&self, result: &'static str) {
+        self.write_barrier.with_label_values(&[result]).inc();
+    }
+
+    pub fn write_barrier_reload(&self) {
+        self.write_barrier_reloads.inc();
+    }
+
+    pub fn observe_write_hold(&self, took: Duration) {
+        self.write_hold.observe(took.as_secs_f64());
     }
 
     pub fn observe_heal_wait(&self, took: Duration) {

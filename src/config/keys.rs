@@ -103,6 +103,12 @@ pub const KEYS: &[Key] = &[
         "ask the catalog whether a missing object exists before reloading (true or false)",
     ),
     key(
+        "PGRST_GUARD_WRITE_BARRIER",
+        "write_barrier",
+        Some("true"),
+        "hold each write until PostgREST's cache is shown to hold its target's current types and defaults (true or false; proofs need the admin URL)",
+    ),
+    key(
         "PGRST_GUARD_CATALOG_RECHECK_MS",
         "catalog_recheck_ms",
         Some("25"),

@@ -52,6 +52,8 @@ pub struct Config {
     pub admin_poll: Duration,
     pub db_schemas: Vec<String>,
     pub catalog_check: bool,
+    /// Hold writes until PostgREST's cache is shown to hold their targets' current definitions.
+    pub write_barrier: bool,
     pub catalog_recheck: Duration,
     pub reload_min_interval: Duration,
     pub upstream_connect_timeout: Duration,
@@ -228,16 +230,15 @@ impl Config {
         if db_schemas.is_empty() {
             return Err(ConfigError::new("PGRST_GUARD_DB_SCHEMAS", "needs at least one schema"));
         }
-        let catalog_check = match required("PGRST_GUARD_CATALOG_CHECK")?.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => true,
-            "false" | "0" | "no" | "off" => false,
-            other => {
-                return Err(ConfigError::new(
-                    "PGRST_GUARD_CATALOG_CHECK",
-                    format!("expected true or false, got {other:?}"),
-                ))
+        let switch = |key: &'static str| -> Result<bool, ConfigError> {
+            match required(key)?.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                other => Err(ConfigError::new(key, format!("expected true or false, got {other:?}"))),
             }
         };
+        let catalog_check = switch("PGRST_GUARD_CATALOG_CHECK")?;
+        let write_barrier = switch("PGRST_GUARD_WRITE_BARRIER")?;
         let log_level = required("PGRST_GUARD_LOG_LEVEL")?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::new("PGRST_GUARD_LOG_LEVEL", format!("not a valid log filter: {log_level:?}")));
@@ -268,6 +269,7 @@ impl Config {
             admin_poll: millis("PGRST_GUARD_ADMIN_POLL_MS")?,
             db_schemas,
             catalog_check,
+            write_barrier,
             catalog_recheck: Duration::from_millis(number("PGRST_GUARD_CATALOG_RECHECK_MS")?),
             reload_min_interval: Duration::from_millis(number("PGRST_GUARD_RELOAD_MIN_INTERVAL_MS")?),
             upstream_connect_timeout: millis("PGRST_GUARD_UPSTREAM_CONNECT_TIMEOUT_MS")?,

@@ -4,7 +4,7 @@ use tower::Layer;
 
 use super::service::{HealParts, HealPolicy, HealService, MAX_CONCURRENT_REPLAYS};
 use crate::metrics::Metrics;
-use crate::reload::{CatalogCheck, ReloadCoordinator};
+use crate::reload::{CatalogCheck, ReloadCoordinator, WriteBarrier};
 
 /// Wraps a forwarder in a [`HealService`].
 #[derive(Clone)]
@@ -13,6 +13,7 @@ pub struct HealLayer {
     policy: HealPolicy,
     metrics: Arc<Metrics>,
     catalog: Option<Arc<CatalogCheck>>,
+    barrier: Option<Arc<WriteBarrier>>,
 }
 
 impl HealLayer {
@@ -24,7 +25,13 @@ impl HealLayer {
         metrics: Arc<Metrics>,
         catalog: Option<Arc<CatalogCheck>>,
     ) -> HealLayer {
-        HealLayer { coordinator, policy, metrics, catalog }
+        HealLayer { coordinator, policy, metrics, catalog, barrier: None }
+    }
+
+    /// Holds each write until PostgREST's cache is shown to hold what it depends on.
+    pub fn with_write_barrier(mut self, barrier: Option<Arc<WriteBarrier>>) -> HealLayer {
+        self.barrier = barrier;
+        self
     }
 }
 
@@ -38,6 +45,7 @@ impl<S> Layer<S> for HealLayer {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             catalog: self.catalog.clone(),
+            barrier: self.barrier.clone(),
             replay_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPLAYS)),
         })
     }

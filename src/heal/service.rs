@@ -19,7 +19,7 @@ use super::replay_body::{ReplayBody, ReplayMemory};
 use crate::body::{GuardBody, GuardFuture};
 use crate::forwarded::ClientAddr;
 use crate::metrics::Metrics;
-use crate::reload::{CatalogCheck, ReloadCoordinator};
+use crate::reload::{CatalogCheck, Clearance, ReloadCoordinator, TargetKind, WriteBarrier, WriteTarget};
 
 pub const REPLAYED_HEADER: &str = "x-pgrst-guard";
 
@@ -64,6 +64,8 @@ pub struct HealParts<S> {
     pub(super) metrics: Arc<Metrics>,
     /// None when the catalog check is turned off.
     pub(super) catalog: Option<Arc<CatalogCheck>>,
+    /// None when the write barrier is turned off.
+    pub(super) barrier: Option<Arc<WriteBarrier>>,
     /// Replays in flight toward PostgREST, so that a thousand healed requests do not land at once.
     pub(super) replay_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -91,6 +93,34 @@ impl RequestTemplate {
     pub(super) fn facts<'a>(&'a self, body: Option<&'a [u8]>) -> RequestFacts<'a> {
         let content_type = self.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         RequestFacts { method: &self.method, path: self.uri.path(), query: self.uri.query(), content_type, body }
+    }
+
+    /// What a write takes from PostgREST's cache: the relation a POST, PATCH or PUT writes, or the
+    /// function a POST or GET calls. Reads, deletes and anything else: None.
+    fn write_target(&self, default_schema: &str) -> Option<WriteTarget> {
+        let facts = self.facts(None);
+        let (kind, name) = match (&self.method, facts.rpc()) {
+            (&Method::POST | &Method::GET | &Method::HEAD, Some(function)) => {
+                (TargetKind::Function, function.into_owned())
+            }
+            (&Method::POST | &Method::PATCH | &Method::PUT, None) => {
+                (TargetKind::Relation, facts.target().into_owned())
+            }
+            _ => return None,
+        };
+        if name.is_empty() {
+            return None;
+        }
+        Some(WriteTarget { schema: self.schema(default_schema), name, kind })
+    }
+
+    /// `Prefer: missing=default`: PostgREST fills omitted columns with the defaults it cached.
+    fn asks_missing_default(&self) -> bool {
+        self.headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split([',', ' ']).any(|p| p.trim().eq_ignore_ascii_case("missing=default")))
     }
 
     pub(super) fn build<B: Body<Data = Bytes>>(&self, body: Bytes) -> Request<ReplayBody<B>> {
@@ -162,6 +192,22 @@ impl<S> HealService<S> {
             headers: parts.headers.clone(),
             client: parts.extensions.get::<ClientAddr>().cloned(),
         };
+        if let Some(barrier) = &self.barrier {
+            if let Some(target) = template.write_target(&self.policy.default_schema) {
+                let deadline = Instant::now() + self.policy.deadline;
+                if barrier.clear(&target, template.asks_missing_default(), deadline).await == Clearance::TimedOut {
+                    return crate::error::GuardError::new(
+                        crate::error::GuardErrorKind::SchemaReloading,
+                        format!(
+                            "PostgREST's schema cache has not been shown to hold the current definition of '{}' \
+                             yet; the write was not sent.",
+                            target.name.escape_debug()
+                        ),
+                    )
+                    .into_response_for(template.headers.get(http::header::ORIGIN));
+                }
+            }
+        }
         let (body, recording) = ReplayBody::record(body, self.policy.replay_body_limit, &self.policy.replay_memory);
         let sent_at = Instant::now();
         let first = self.send(Request::from_parts(parts, body)).await;

@@ -21,12 +21,14 @@
 //! request owns any of it: shared work runs in tasks of its own on the guard's control runtime, so a
 //! client that leaves changes nothing for the others.
 
+pub mod barrier;
 pub mod catalog;
 pub mod coordinator;
 pub mod database;
 pub mod flight;
 pub mod load_counter;
 
+pub use barrier::{Clearance, TargetKind, WriteBarrier, WriteTarget};
 pub use catalog::{CatalogAnswer, CatalogCheck, CatalogReply};
 pub use coordinator::{ReloadCoordinator, Ticket, WaitSettings};
 pub use database::{Database, DatabaseSettings};
