@@ -178,7 +178,7 @@ family_matrix!(writes_after_a_migration_are_stored_as_sent_with_the_event_trigge
     writes_after_a_migration_are_stored_as_sent(family, true).await;
 });
 
-/// Reads need nothing, and a write to an unchanged table sends no NOTIFY.
+// Reads need nothing, and a write to an unchanged table sends no NOTIFY.
 family_matrix!(reads_and_unchanged_writes_cost_no_reload, |family| async move {
     let bed = RealBed::start(family, SCHEMA).await;
     let admin = bed.postgrest.admin_url();
