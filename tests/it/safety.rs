@@ -2,18 +2,18 @@
 //! reloads are shared across guards and with event triggers, and writes stay exactly-once under
 //! chaos. Every test counts NOTIFYs with a LISTENer of its own.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::client::{eventually, HttpClient};
-use support::guard::{start_guard, NotifyCounter};
-use support::postgrest::{Family, PostgrestOptions, RealPostgrest};
-use support::RealBed;
+
+use crate::support;
+use crate::support::client::{eventually, HttpClient};
+use crate::support::guard::{start_guard, NotifyCounter};
+use crate::support::postgrest::{Family, PostgrestOptions, RealPostgrest};
+use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);";
 

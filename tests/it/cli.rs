@@ -1,13 +1,13 @@
 //! The binary: configuration errors, help, sources and their precedence, secrets kept out of
 //! logs, and a clean stop on SIGTERM.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pgrst_guard::config::{sources, Config, Setting, Settings, Source};
+
+use crate::support;
 
 fn guard() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pgrst-guard"));

@@ -3,13 +3,13 @@
 //! seen through the guard's published port; `docker stop` drains and exits 0. Base images come from
 //! tests/docker/testbed.sh (no registry is reachable here). Everything the test starts is removed.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+
+use crate::support;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

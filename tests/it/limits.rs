@@ -1,18 +1,18 @@
 //! Limits and shutdown: each limit answers with a clear PostgREST-shaped error, and a SIGTERM lets
 //! open requests finish.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use support::client::HttpClient;
-use support::echo::EchoServer;
-use support::guard::start_guard_without_waiting;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support;
+use crate::support::client::HttpClient;
+use crate::support::echo::EchoServer;
+use crate::support::guard::start_guard_without_waiting;
 
 const NO_DB: &str = "postgres://postgres@127.0.0.1:1/postgres";
 

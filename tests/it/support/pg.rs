@@ -71,11 +71,6 @@ impl TestCluster {
         client.batch_execute(sql).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
     }
 
-    pub async fn create_database(&self, name: &str) -> String {
-        self.sql(&format!("CREATE DATABASE \"{name}\"")).await;
-        self.uri(name)
-    }
-
     pub async fn stop(&self) {
         let this = self.handle();
         tokio::task::spawn_blocking(move || this.stop_blocking()).await.expect("stop task");

@@ -1,17 +1,17 @@
 //! What pgrst-guard forwards, and how it answers when PostgREST cannot.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::echo::EchoServer;
-use support::guard::{start_guard, start_guard_without_waiting};
-use support::pg::free_port;
-use support::RealBed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support;
+use crate::support::echo::EchoServer;
+use crate::support::guard::{start_guard, start_guard_without_waiting};
+use crate::support::pg::free_port;
+use crate::support::RealBed;
 
 async fn echo_guard(prefix: &str, extra: &[(&str, &str)]) -> (EchoServer, pgrst_guard::RunningGuard) {
     let echo = EchoServer::start().await;

@@ -2,11 +2,11 @@
 //! plays the migration story, serves a developer's own migrations, and removes everything on exit;
 //! and it says what to install when a part is missing.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
+
+use crate::support;
 
 fn sandbox_command(args: &[&str], postgrest_dir: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pgrst-guard"));

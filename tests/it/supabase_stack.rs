@@ -3,15 +3,15 @@
 //! ${JWT_JWKS}`), the guard in front of it as `rest`, and a gateway routing `/rest/v1/` as Envoy's
 //! `api-gw` does. A migration heals through the gateway for a user's ES256 token, and the anon key.
 
-mod support;
-
 use http::{Method, StatusCode};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use support::postgrest::{Family, PostgrestOptions};
-use support::RealBed;
 
 use pgrst_guard::sandbox::base64url;
+
+use crate::support;
+use crate::support::postgrest::{Family, PostgrestOptions};
+use crate::support::RealBed;
 
 /// An ES256 signing key as Supabase's asymmetric keys are, and its public JWKS.
 struct SigningKey {

@@ -3,17 +3,16 @@
 //! PostgREST's cache misses costs one NOTIFY per object and catalog change, never more; the request
 //! checked is the one PostgREST received; and a flood of bogus names cannot delay a real heal.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use support::client::HttpClient;
-use support::guard::start_guard;
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support::client::HttpClient;
+use crate::support::guard::start_guard;
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 /// Objects that exist in the catalog but that no PostgREST family caches, and what a client may
 /// send that names them.

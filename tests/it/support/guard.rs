@@ -85,6 +85,7 @@ impl NotifyCounter {
     }
 
     /// When NOTIFY number `index` (from 0, in order of arrival) arrived.
+    #[allow(dead_code, reason = "for ReloadClock, which the benchmark examples use")]
     pub fn heard_at(&self, index: u64) -> Option<std::time::Instant> {
         self.heard.lock().expect("the NOTIFY log is never poisoned").get(index as usize).copied()
     }

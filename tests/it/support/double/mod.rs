@@ -57,6 +57,7 @@ impl DoubleOptions {
         }
     }
 
+    #[allow(dead_code, reason = "for examples/postgrest_double.rs")]
     pub fn profile(mut self, profile: Profile) -> Self {
         self.profile = profile;
         self
@@ -141,10 +142,6 @@ impl PostgrestDouble {
         self.state.reload.fail_next.store(n, Ordering::Release);
     }
 
-    pub fn set_load_delay(&self, delay: Duration) {
-        self.state.reload.load_delay_ms.store(delay.as_millis() as u64, Ordering::Release);
-    }
-
     pub fn successful_loads(&self) -> u64 {
         self.state.reload.successes.load(Ordering::Acquire)
     }
@@ -153,20 +150,14 @@ impl PostgrestDouble {
         self.state.reload.failures.load(Ordering::Acquire)
     }
 
-    pub fn reload_messages_received(&self) -> u64 {
-        self.state.reload.notifications_received.load(Ordering::Acquire)
-    }
-
     /// Duration of the last completed load (start to swap).
+    #[allow(dead_code, reason = "for examples/bench_heal.rs")]
     pub fn last_load_duration(&self) -> Duration {
         Duration::from_micros(self.state.reload.last_load_micros.load(Ordering::Acquire))
     }
 
-    pub fn is_listening(&self) -> bool {
-        self.state.reload.listener_up.load(Ordering::Acquire)
-    }
-
     /// Stops listening and ends every task; the ports are free afterwards.
+    #[allow(dead_code, reason = "for examples/postgrest_double.rs")]
     pub async fn stop(mut self) {
         self.shutdown_now().await;
     }

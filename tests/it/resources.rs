@@ -2,16 +2,16 @@
 //! its slot no longer than the idle timeout when its reader stops reading. Measured on the guard as
 //! its own process, as users run it.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::client::eventually;
-use support::echo::EchoServer;
-use support::guard::{start_guard_without_waiting, GuardProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support;
+use crate::support::client::eventually;
+use crate::support::echo::EchoServer;
+use crate::support::guard::{start_guard_without_waiting, GuardProcess};
 
 const NO_DB: &str = "postgres://postgres@127.0.0.1:1/postgres";
 

@@ -34,7 +34,6 @@ struct Faults {
     /// Connections numbered below this get no notifications any more.
     deafened_below: AtomicU64,
     next_connection: AtomicU64,
-    refused: AtomicU64,
     /// Every chunk waits this long (milliseconds) before it is passed on: a slow network.
     delay_ms: AtomicU64,
     /// Connections numbered below this are closed (both ways).
@@ -68,7 +67,6 @@ impl Relay {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if shared.refusing.load(Ordering::Acquire) {
-                    shared.refused.fetch_add(1, Ordering::AcqRel);
                     drop(client);
                     continue;
                 }
@@ -106,11 +104,6 @@ impl Relay {
     /// Every chunk, either way, waits `delay` before it is passed on (a database far away).
     pub fn delay(&self, delay: Duration) {
         self.faults.delay_ms.store(delay.as_millis() as u64, Ordering::Release);
-    }
-
-    /// Connections relayed, and connections refused, so far.
-    pub fn connections(&self) -> (u64, u64) {
-        (self.faults.next_connection.load(Ordering::Acquire), self.faults.refused.load(Ordering::Acquire))
     }
 
     /// Every connection open now stops passing bytes for good, and stays open; new ones work.

@@ -3,16 +3,16 @@
 //! flows the way NAT gateways and load balancers do, PostgreSQL restarts, PgBouncer in transaction
 //! mode, and a LISTEN that stops receiving.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::client::eventually;
-use support::guard::start_guard;
-use support::postgrest::Family;
-use support::relay::Relay;
-use support::RealBed;
+
+use crate::support;
+use crate::support::client::eventually;
+use crate::support::guard::start_guard;
+use crate::support::postgrest::Family;
+use crate::support::relay::Relay;
+use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
 

@@ -1,16 +1,15 @@
 //! TLS both ways: an https upstream trusted through an extra CA file, and PostgreSQL over TLS with
 //! libpq's sslmode semantics.
 
-mod support;
-
 use std::time::Duration;
 
 use http::StatusCode;
-use support::client::{eventually, HttpClient};
-use support::echo::EchoServer;
-use support::guard::start_guard_without_waiting;
-use support::pg::TestCluster;
-use support::pki::TestPki;
+
+use crate::support::client::{eventually, HttpClient};
+use crate::support::echo::EchoServer;
+use crate::support::guard::start_guard_without_waiting;
+use crate::support::pg::TestCluster;
+use crate::support::pki::TestPki;
 
 const NO_DB: &str = "postgres://postgres@127.0.0.1:1/postgres";
 

@@ -3,11 +3,10 @@
 //! guard heals such writes (each stored once) and lets a value the new type refuses too pass through
 //! with no reload.
 
-mod support;
-
 use http::StatusCode;
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 const ORDERS: &str = "CREATE TABLE orders (id bigserial PRIMARY KEY, label text UNIQUE, code varchar(8), qty int, price int, data text);";
 

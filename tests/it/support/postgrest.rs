@@ -24,8 +24,6 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [Family::V11, Family::V12, Family::V13, Family::V14, Family::V16];
-
     fn major(self) -> u32 {
         match self {
             Family::V11 => 11,
@@ -104,7 +102,6 @@ impl PostgrestOptions {
 }
 
 pub struct RealPostgrest {
-    pub family: Family,
     pub version: String,
     binary: PathBuf,
     dir: PathBuf,
@@ -144,7 +141,6 @@ impl RealPostgrest {
         }
         std::fs::write(dir.join("postgrest.conf"), config).expect("write PostgREST config");
         let server = RealPostgrest {
-            family,
             version,
             binary,
             dir,
@@ -285,7 +281,6 @@ fn binary_for(family: Family) -> (PathBuf, String) {
 
 /// Runs a test body once per PostgREST family, as one test per family:
 /// `family_matrix!(name, |family| async move { ... });` makes `name::v11` ... `name::v16`.
-#[macro_export]
 macro_rules! family_matrix {
     ($name:ident, $body:expr) => {
         mod $name {

@@ -1,16 +1,16 @@
-//! What can be checked of the deployment files as files (tests/docker.rs starts them for real): the
+//! What can be checked of the deployment files as files (tests/it/docker.rs starts them for real): the
 //! compose file and the Supabase override parse,
 //! its services, ports and environment agree with each other and with the guard's configuration
 //! keys, the Dockerfile is multi-stage, non-root and health-checked, and the demo's SQL heals as the
 //! README says.
-
-mod support;
 
 use std::collections::BTreeMap;
 
 use http::StatusCode;
 use pgrst_guard::config::{Config, RawConfig, KEYS};
 use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::support;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()

@@ -3,12 +3,11 @@
 //! then firing; with the database back, it clears. (`.ci/check-deployment-files` runs promtool's
 //! own checks and unit tests of the same rules.)
 
-mod support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::client::{eventually, HttpClient};
+use crate::support;
+use crate::support::client::{eventually, HttpClient};
 
 struct Prometheus {
     port: u16,

@@ -1,11 +1,10 @@
 //! `pgrst-guard doctor` against the real PostgREST of every family and a real PostgreSQL.
 
-mod support;
-
 use std::process::{Command, Output};
 
-use support::postgrest::Family;
-use support::RealBed;
+use crate::support;
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 async fn doctor(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || {

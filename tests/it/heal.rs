@@ -1,16 +1,16 @@
 //! Healing through pgrst-guard, against the real PostgREST of every family and a real PostgreSQL:
 //! what the client sees, and what the database holds. A test says where families differ.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::json;
-use support::guard::{start_guard, start_guard_without_waiting, NotifyCounter};
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support;
+use crate::support::guard::{start_guard, start_guard_without_waiting, NotifyCounter};
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL);";
 

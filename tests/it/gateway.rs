@@ -2,15 +2,14 @@
 //! the PostgREST double, everything else — auth, storage, functions, the realtime WebSocket —
 //! through to a stand-in Supabase origin, untouched.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::guard::start_guard;
-use support::pg::free_port;
-use support::postgrest::Family;
-use support::RealBed;
+use crate::support;
+use crate::support::guard::start_guard;
+use crate::support::pg::free_port;
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 /// An anon key as Supabase issues them: an HS256 JWT with `role: anon`, signed with [`JWT_SECRET`].
 const ANON_KEY: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJyb2xlIjoiYW5vbiIsImlzcyI6InN1cGFiYXNlIn0.Rwe_zGR_sx0wvpYDb6OfBZeW7CxeVRa4NpL2F6v7DPo";

@@ -2,15 +2,15 @@
 //! for PostgREST's reload go on for the others when the client that started them leaves. And guards
 //! failing at the same instant find each other on the channel. Against the real PostgREST.
 
-mod support;
-
 use std::time::Duration;
 
 use http::StatusCode;
-use support::client::HttpClient;
-use support::postgrest::Family;
-use support::relay::Relay;
-use support::RealBed;
+
+use crate::support;
+use crate::support::client::HttpClient;
+use crate::support::postgrest::Family;
+use crate::support::relay::Relay;
+use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
 

@@ -4,17 +4,16 @@
 //! write must be stored exactly once, whether the migration's DDL sends the reload NOTIFY itself
 //! (Supabase's event trigger) or nothing does.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use support::client::HttpClient;
-use support::guard::start_guard;
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support::client::HttpClient;
+use crate::support::guard::start_guard;
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 const WRITERS: usize = 8;
 const BEFORE_COMMIT: Duration = Duration::from_millis(400);

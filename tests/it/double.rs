@@ -3,13 +3,12 @@
 //! set time, a load that fails on command, and the load counter. Everything else is tested against
 //! the real PostgREST.
 
-mod support;
-
 use std::time::Duration;
 
 use http::StatusCode;
-use support::client::eventually;
-use support::TestBed;
+
+use crate::support::client::eventually;
+use crate::support::TestBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text NOT NULL, created_at timestamptz DEFAULT now());";
 

@@ -35,12 +35,6 @@ pub struct ReloadState {
     pub last_load_micros: AtomicU64,
 }
 
-impl ReloadState {
-    pub fn is_loading(&self) -> bool {
-        self.loading.load(Ordering::Acquire)
-    }
-}
-
 /// Pokes the debounced loader, as a NOTIFY or SIGUSR1 does.
 pub fn trigger(state: &State) {
     let reload = &state.reload;

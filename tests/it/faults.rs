@@ -2,15 +2,15 @@
 //! application's error-shaped answer is never replayed, a PostgREST restart ends the wait at once,
 //! and one client request costs PostgREST a bounded number of requests.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::guard::start_guard;
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support;
+use crate::support::guard::start_guard;
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 /// RPCs that commit a write and then answer like a stale schema cache: a PGRST204-shaped 400
 /// (naming a key of the request body), and a bare `404 {}` from a function named like a table.

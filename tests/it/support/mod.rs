@@ -1,6 +1,5 @@
 //! Test bed shared by the integration tests, the examples and the benchmarks: a throwaway
 //! PostgreSQL cluster, the PostgREST double, and small HTTP client helpers.
-#![allow(dead_code)]
 
 pub mod client;
 pub mod double;
@@ -10,6 +9,7 @@ pub mod nginx;
 pub mod pg;
 pub mod pgbouncer;
 pub mod pki;
+#[macro_use]
 pub mod postgrest;
 pub mod relay;
 pub mod stale_upstream;
@@ -71,6 +71,7 @@ impl RealBed {
     }
 
     /// PostgREST's own reload, in ms: NOTIFY until its load counter has risen (12.2 and later).
+    #[allow(dead_code, reason = "for the benchmark examples")]
     pub async fn reload_time_ms(&self) -> f64 {
         let before = self.postgrest.successful_loads().await.expect("this family has the load counter");
         let started = std::time::Instant::now();
@@ -84,6 +85,7 @@ impl RealBed {
     }
 
     /// A clock for the reloads that heals cause (12.2 and later): see [`ReloadClock`].
+    #[allow(dead_code, reason = "for the benchmark examples")]
     pub async fn reload_clock(&self) -> ReloadClock {
         ReloadClock { notifies: self.notify_counter().await }
     }
@@ -131,6 +133,7 @@ impl RealBed {
 /// reaches a listener of its own (PostgREST hears it at the same moment) to the rise of PostgREST's
 /// load counter. Heal time minus this is what the heal adds to that very reload, with PostgREST's
 /// spread of reload times taken out.
+#[allow(dead_code, reason = "for the benchmark examples")]
 pub struct ReloadClock {
     notifies: guard::NotifyCounter,
 }
@@ -138,6 +141,7 @@ pub struct ReloadClock {
 impl ReloadClock {
     /// Runs `work`; returns its output and, in ms, the reload it caused: from its first NOTIFY heard
     /// to the load counter's rise (polled every 2 ms).
+    #[allow(dead_code, reason = "for the benchmark examples")]
     pub async fn time<F: std::future::Future>(&mut self, bed: &RealBed, work: F) -> (F::Output, f64) {
         let earlier = self.notifies.count();
         let baseline = bed.postgrest.successful_loads().await.expect("this family has the load counter");
