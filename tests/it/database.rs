@@ -9,16 +9,13 @@ use http::StatusCode;
 
 use crate::support;
 use crate::support::client::eventually;
+use crate::support::guard::metric;
 use crate::support::guard::start_guard;
 use crate::support::postgrest::Family;
 use crate::support::relay::Relay;
 use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
-
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
-}
 
 /// One stale insert naming `column`, just added by a migration; returns the answer and its wait.
 async fn heal_new_column(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 
 use crate::support;
-use crate::support::guard::start_guard;
+use crate::support::guard::{metric, start_guard};
 use crate::support::postgrest::Family;
 use crate::support::RealBed;
 
@@ -292,10 +292,6 @@ fn spawn_inserts(
             )
         })
         .collect()
-}
-
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
 }
 
 // The guard's database host stalls (bytes stop, the connection stays open): every stale request

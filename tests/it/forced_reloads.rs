@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 
 use crate::support::client::HttpClient;
+use crate::support::guard::metric;
 use crate::support::guard::start_guard;
 use crate::support::postgrest::Family;
 use crate::support::RealBed;
@@ -93,10 +94,6 @@ async fn flood(url: String, probe: &Probe, expected: StatusCode, clients: usize,
         task.await.unwrap();
     }
     (sent.load(Ordering::Acquire), wrong.load(Ordering::Acquire))
-}
-
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 family_matrix!(objects_postgrest_never_caches_cost_no_notify, |family: Family| async move {

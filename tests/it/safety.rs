@@ -11,6 +11,7 @@ use http::StatusCode;
 
 use crate::support;
 use crate::support::client::{eventually, HttpClient};
+use crate::support::guard::metric;
 use crate::support::guard::{start_guard, NotifyCounter};
 use crate::support::postgrest::{Family, PostgrestOptions, RealPostgrest};
 use crate::support::RealBed;
@@ -63,11 +64,6 @@ async fn hammer(
 
 async fn guard_metrics(http: &HttpClient, guard: &pgrst_guard::RunningGuard) -> String {
     http.get(&format!("http://{}/metrics", guard.admin_addr.unwrap())).await.text()
-}
-
-/// The number a guard's /metrics gives for `series`.
-fn metric(metrics: &str, series: &str) -> u64 {
-    metrics.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
 }
 
 /// Catalog queries the flood may cost: one per key per recheck interval (25 ms by default), and

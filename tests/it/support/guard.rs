@@ -184,3 +184,10 @@ impl Drop for GuardProcess {
             std::fs::remove_file(std::env::temp_dir().join(format!("pgrst-guard-process-{}.log", self.addr.port())));
     }
 }
+
+/// The value of `series` in a guard's /metrics text, summed over every line that starts with it: a
+/// whole series (`pgrst_guard_notifies_sent_total`, `..._heals_total{code="PGRST204",outcome="healed"}`)
+/// or all of a family's labels (`pgrst_guard_catalog_checks_total{`); 0 where there is none.
+pub fn metric(metrics: &str, series: &str) -> u64 {
+    metrics.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}

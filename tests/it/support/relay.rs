@@ -8,7 +8,10 @@
 //! - deafen the connections open now: PostgreSQL's NotificationResponse messages no longer reach
 //!   the client, everything else does (a LISTEN that silently receives nothing, as PostgreSQL's
 //!   notification-queue bug leaves it). Needs a client that does not negotiate TLS (`sslmode=disable`),
-//!   so that the server's stream is plain protocol messages from its first byte.
+//!   so that the server's stream is plain protocol messages from its first byte;
+//! - hold the client's query that contains a given text, and everything after it on that
+//!   connection, until released: the client is then known to be inside that query (with
+//!   `sslmode=disable`, as for deafening).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +43,10 @@ struct Faults {
     cut_below: tokio::sync::watch::Sender<u64>,
     /// The backends speak PostgreSQL's protocol, read message by message from the server.
     postgres: bool,
+    /// Client bytes containing this wait at the relay until it is cleared.
+    hold: std::sync::Mutex<Option<Vec<u8>>>,
+    /// Bytes are waiting on the hold now.
+    holding: AtomicBool,
 }
 
 impl Drop for Relay {
@@ -118,6 +125,23 @@ impl Relay {
         self.faults.deafened_below.store(next, Ordering::Release);
     }
 
+    /// From now on the first chunk a client sends that contains `text` (a query's SQL, sent whole in
+    /// one write by tokio-postgres) waits here, and so does everything after it on its connection,
+    /// until [`Relay::release`]. [`Relay::holding`] says when a query is held.
+    pub fn hold_query_containing(&self, text: &str) {
+        *self.faults.hold.lock().unwrap() = Some(text.as_bytes().to_vec());
+    }
+
+    /// Is a client's query held at the relay now?
+    pub fn holding(&self) -> bool {
+        self.faults.holding.load(Ordering::Acquire)
+    }
+
+    /// Lets the held query go on, and holds nothing more.
+    pub fn release(&self) {
+        *self.faults.hold.lock().unwrap() = None;
+    }
+
     /// A PostgreSQL URI through the relay (no TLS: the relay reads the protocol's messages).
     pub fn pg_uri(&self, database: &str) -> String {
         format!("postgres://postgres@{}/{database}?sslmode=disable", self.addr)
@@ -150,6 +174,13 @@ async fn pump(
         while faults.stalled.load(Ordering::Acquire) || number < faults.blackholed_below.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if !from_server && faults.held(&buffer[..n]) {
+            faults.holding.store(true, Ordering::Release);
+            while faults.hold.lock().unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            faults.holding.store(false, Ordering::Release);
+        }
         let delay = faults.delay_ms.load(Ordering::Acquire);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -164,6 +195,13 @@ async fn pump(
         if to.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+impl Faults {
+    /// Does this chunk from a client contain the text held?
+    fn held(&self, chunk: &[u8]) -> bool {
+        self.hold.lock().unwrap().as_deref().is_some_and(|text| chunk.windows(text.len()).any(|w| w == text))
     }
 }
 
