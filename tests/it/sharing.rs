@@ -7,58 +7,122 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::support;
-use crate::support::client::HttpClient;
-use crate::support::postgrest::Family;
+use crate::support::client::{eventually, HttpClient};
+use crate::support::guard::metric;
+use crate::support::postgrest::{Family, PostgrestOptions};
 use crate::support::relay::Relay;
 use crate::support::RealBed;
 
 const CHAT: &str = "CREATE TABLE chat_messages (id bigserial PRIMARY KEY, content text);";
 
-/// The first client hangs up `after` its request went out, while the guard's database is 60 ms
-/// away, so that it leaves during the catalog check, the NOTIFY or the wait for the reload; a
-/// second client, sent just after it, is healed, with one NOTIFY in all and the first write never
-/// stored.
-async fn the_first_client_leaves(after: Duration) {
-    let bed = RealBed::start(Family::V14, CHAT).await;
+/// Where the first client's heal is when it leaves, held there until the second client's heal has
+/// met it: the guard's catalog query or its NOTIFY held at a relay in front of the guard's database,
+/// or PostgREST's reload waiting on a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    CatalogCheck,
+    Notify,
+    ReloadAwaited,
+}
+
+/// The first client hangs up, before any answer, while its heal is held in `phase` (proved by the
+/// hold itself and the guard's own counters); a second client, sent while the first heal is held,
+/// is healed once the hold ends, with one NOTIFY in all and the first write never stored.
+async fn the_first_client_leaves(phase: Phase) {
+    let bed = RealBed::start_with(Family::V14, &format!("{CHAT} {}", support::RELOAD_BLOCKER_SQL), |o| {
+        PostgrestOptions { log_level: "info", ..o }
+    })
+    .await;
     let relay = Relay::postgres(format!("127.0.0.1:{}", bed.pg.port()).parse().unwrap()).await;
     let guard = bed.guard(&relay.pg_uri("postgres"), &[]).await;
     let notifies = bed.notify_counter().await;
-    relay.delay(Duration::from_millis(30));
     bed.pg.sql("ALTER TABLE chat_messages ADD COLUMN artifact_ids text[]").await;
+    let blocker = match phase {
+        // The catalog query for a column reads pg_attribute (src/reload/catalog/columns.sql).
+        Phase::CatalogCheck => {
+            relay.hold_query_containing("pg_attribute");
+            None
+        }
+        // The guard's reload NOTIFY (src/reload/database.rs `notify_reload`).
+        Phase::Notify => {
+            relay.hold_query_containing("pg_notify($1, 'reload schema')");
+            None
+        }
+        Phase::ReloadAwaited => Some(support::ReloadBlocker::hold(&bed.pg).await),
+    };
     let url = format!("{}/chat_messages", guard.url());
+    let (leave, left) = tokio::sync::oneshot::channel::<()>();
     let first = {
         let url = url.clone();
         tokio::spawn(async move {
-            tokio::time::timeout(after, HttpClient::new().post_json(&url, r#"{"content":"gone","artifact_ids":[]}"#))
-                .await
+            let http = HttpClient::new();
+            tokio::select! {
+                answer = http.post_json(&url, r#"{"content":"gone","artifact_ids":[]}"#) => Some(answer),
+                _ = left => None,
+            }
         })
     };
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    let second = HttpClient::new().post_json(&url, r#"{"content":"stays","artifact_ids":[]}"#).await;
-    let left = first.await.unwrap().is_err();
-    println!("first client left after {after:?}: {left}; second got {}", second.status);
+    let counters = || {
+        let metrics = guard.render_metrics();
+        (metric(&metrics, "pgrst_guard_catalog_checks_total{"), guard.database.notifications_sent())
+    };
+    let held = eventually(Duration::from_secs(10), || async {
+        match &blocker {
+            Some(blocker) => blocker.reload_waiting().await,
+            None => relay.holding(),
+        }
+    })
+    .await;
+    assert!(held, "the premise: the first heal is held in {phase:?}");
+    // (catalog checks finished, NOTIFYs sent) by the guard while the first heal is held.
+    let expected = match phase {
+        Phase::CatalogCheck => (0, 0),
+        Phase::Notify => (1, 0),
+        Phase::ReloadAwaited => (1, 1),
+    };
+    assert_eq!(counters(), expected, "the guard's counters place the first heal in {phase:?}");
+    let _ = leave.send(());
+    assert!(first.await.unwrap().is_none(), "the first client left before any answer, in {phase:?}");
+    let second =
+        tokio::spawn(
+            async move { HttpClient::new().post_json(&url, r#"{"content":"stays","artifact_ids":[]}"#).await },
+        );
+    // PostgREST has answered both stale inserts: the second heal has begun while the first's is held.
+    let begun =
+        eventually(Duration::from_secs(5), || async { bed.postgrest.access_log_lines("POST /chat_messages") >= 2 })
+            .await;
+    assert!(begun, "the second insert reached PostgREST");
+    let still_held = match &blocker {
+        Some(blocker) => blocker.reload_waiting().await,
+        None => relay.holding(),
+    };
+    assert!(still_held, "the first heal was still held when the second began");
+    assert_eq!(guard.database.notifications_sent(), expected.1, "no NOTIFY went out in between");
+    match blocker {
+        Some(blocker) => blocker.release().await,
+        None => relay.release(),
+    }
+    let second = second.await.unwrap();
     assert_eq!(second.status, StatusCode::CREATED, "{}", second.text());
     assert_eq!(second.header("x-pgrst-guard"), Some("replayed"));
     assert_eq!(notifies.settled().await, 1, "one NOTIFY in all");
     assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages WHERE content = 'stays'").await, 1);
-    if left {
-        assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages WHERE content = 'gone'").await, 0);
-    }
+    assert_eq!(bed.scalar("SELECT count(*) FROM chat_messages WHERE content = 'gone'").await, 0);
 }
 
 #[tokio::test]
 async fn the_first_client_leaves_during_the_catalog_check() {
-    the_first_client_leaves(Duration::from_millis(5)).await
+    the_first_client_leaves(Phase::CatalogCheck).await
 }
 
 #[tokio::test]
 async fn the_first_client_leaves_during_the_notify() {
-    the_first_client_leaves(Duration::from_millis(90)).await
+    the_first_client_leaves(Phase::Notify).await
 }
 
 #[tokio::test]
 async fn the_first_client_leaves_while_the_reload_is_awaited() {
-    the_first_client_leaves(Duration::from_millis(200)).await
+    the_first_client_leaves(Phase::ReloadAwaited).await
 }
 
 /// Six guards (processes of their own, as a fleet runs) in front of one PostgREST, ten stale inserts

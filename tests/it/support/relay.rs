@@ -37,8 +37,6 @@ struct Faults {
     /// Connections numbered below this get no notifications any more.
     deafened_below: AtomicU64,
     next_connection: AtomicU64,
-    /// Every chunk waits this long (milliseconds) before it is passed on: a slow network.
-    delay_ms: AtomicU64,
     /// Connections numbered below this are closed (both ways).
     cut_below: tokio::sync::watch::Sender<u64>,
     /// The backends speak PostgreSQL's protocol, read message by message from the server.
@@ -108,9 +106,10 @@ impl Relay {
         }
     }
 
-    /// Every chunk, either way, waits `delay` before it is passed on (a database far away).
-    pub fn delay(&self, delay: Duration) {
-        self.faults.delay_ms.store(delay.as_millis() as u64, Ordering::Release);
+    /// Closes every connection open now, both ways (as a server closing its idle keep-alive
+    /// connections); new ones are relayed as before.
+    pub fn close_open(&self) {
+        self.faults.cut_below.send_replace(self.faults.next_connection.load(Ordering::Acquire));
     }
 
     /// Every connection open now stops passing bytes for good, and stays open; new ones work.
@@ -180,10 +179,6 @@ async fn pump(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             faults.holding.store(false, Ordering::Release);
-        }
-        let delay = faults.delay_ms.load(Ordering::Acquire);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let out: Vec<u8> = if from_server && faults.postgres {
             pending.extend_from_slice(&buffer[..n]);
