@@ -352,20 +352,37 @@ family_matrix!(
     }
 );
 
-/// PostgREST closes idle keep-alive connections after 30 s: a write sent after a longer pause must
-/// not meet a connection the guard kept in its pool.
+/// PostgREST closes idle keep-alive connections (after 30 s): a write sent after that must not
+/// meet a connection the guard kept in its pool. A relay in front of PostgREST closes them at once.
 #[tokio::test]
 async fn a_pooled_connection_postgrest_closed_never_costs_a_request() {
     let bed = RealBed::start(support::postgrest::Family::V14, "CREATE TABLE t (id int PRIMARY KEY)").await;
-    let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
+    let postgrest = support::relay::Relay::start(vec![bed.postgrest.url()["http://".len()..].parse().unwrap()]).await;
+    let guard = start_guard(&postgrest.url(), &bed.pg.uri("postgres"), &[]).await;
     let url = format!("{}/t", guard.url());
     for id in 0..4 {
         assert_eq!(bed.http.post_json(&url, &format!(r#"{{"id":{id}}}"#)).await.status, StatusCode::CREATED);
     }
-    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(open_to(postgrest.addr) > 0, "the premise: the guard pools its connections to PostgREST");
+    postgrest.close_open();
+    let let_go = support::client::eventually(Duration::from_secs(5), || async { open_to(postgrest.addr) == 0 }).await;
+    assert!(let_go, "the guard let go of the connections PostgREST closed");
     for id in 10..14 {
         let r = support::client::HttpClient::new().post_json(&url, &format!(r#"{{"id":{id}}}"#)).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     }
     assert_eq!(bed.scalar("SELECT count(*) FROM t").await, 8);
+}
+
+/// This process's TCP connections to `peer` that are open on its side (ESTABLISHED, or CLOSE_WAIT:
+/// closed by the peer, not yet by us), from /proc/net/tcp.
+fn open_to(peer: std::net::SocketAddr) -> usize {
+    let remote = format!("0100007F:{:04X}", peer.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields[2] == remote && matches!(fields[3], "01" | "08"))
+        .count()
 }
