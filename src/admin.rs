@@ -1,5 +1,10 @@
 //! The guard's own admin listener: `/healthz` (the process is alive), `/readyz` (PostgREST is
 //! reachable; the database connection is reported, not required) and `/metrics`.
+//!
+//! The database path does not decide readiness: forwarding does not need it, and every guard of a
+//! fleet shares one `PGRST_GUARD_DB_URI`, so a database that cannot NOTIFY (a standby during a
+//! failover) would take the whole fleet out of its load balancer at once. It is reported instead,
+//! and alerted on (`pgrst_guard_database_connected`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -57,7 +62,11 @@ fn readiness(upstream_reachable: bool, database: &Database) -> serde_json::Value
     };
     serde_json::json!({
         "upstream": if upstream_reachable { "reachable" } else { "unreachable" },
-        "database": if health.connected { "connected" } else { "disconnected" },
+        "database": match (&health.cannot_notify, health.connected) {
+            (Some(why), _) => format!("cannot NOTIFY: {why}"),
+            (None, true) => "connected".to_string(),
+            (None, false) => "disconnected".to_string(),
+        },
         "database_verified_ms_ago": verified_ms_ago,
         "database_error": health.last_error,
         "listen": listening,

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::config::{Config, UpstreamUrl};
+use crate::reload::database::CannotNotify;
 use crate::reload::LoadCounter;
 use crate::tls;
 
@@ -101,6 +102,22 @@ pub async fn run(config: &Config, mut report: impl FnMut(&Finding)) -> Vec<Findi
     };
     // Unnamed statements in one round trip each, as the guard itself queries: they work through
     // transaction-mode poolers too.
+    // A standby answers every query below but refuses the NOTIFY every heal ends with.
+    if let Ok(row) = client.query_typed_one("SELECT pg_is_in_recovery()", &[]).await {
+        if row.get::<_, bool>(0) {
+            note(finding(
+                Status::Fail,
+                "database",
+                format!(
+                    "{}: cannot NOTIFY: {}: heals cannot ask PostgREST to reload. Point PGRST_GUARD_DB_URI at the \
+                     primary; a multi-host URI with target_session_attrs=read-write follows a failover.",
+                    config.db_uri.redacted(),
+                    CannotNotify::Standby
+                ),
+            ));
+            return findings;
+        }
+    }
     let version: String = client
         .query_typed_one("SELECT current_setting('server_version')", &[])
         .await
@@ -287,11 +304,11 @@ async fn check_reload(client: &tokio_postgres::Client, counter: Option<&LoadCoun
     let channel =
         [(&config.db_channel as &(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type::TEXT)];
     if let Err(e) = client.query_typed("SELECT pg_notify($1, 'reload schema')", &channel).await {
-        return finding(
-            Status::Fail,
-            "reload",
-            format!("NOTIFY on {:?} failed: {}", config.db_channel, crate::reload::database::describe(&e)),
-        );
+        let message = match CannotNotify::of(&e) {
+            why @ CannotNotify::Refused(_) => format!("cannot NOTIFY: {why}"),
+            why => format!("cannot NOTIFY: {why} ({})", crate::reload::database::describe(&e)),
+        };
+        return finding(Status::Fail, "reload", format!("NOTIFY on {:?} failed: {message}", config.db_channel));
     }
     let (Some(counter), Some(before)) = (counter, before) else {
         return finding(

@@ -4,9 +4,11 @@
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
-use crate::reload::database::{DatabaseHealth, Listening};
+use crate::reload::database::{CannotNotify, DatabaseHealth, Listening};
 
 /// Reload NOTIFYs the guard's database connection sent, and saw from others.
 #[derive(Clone, Copy, Debug, Default)]
@@ -36,6 +38,7 @@ pub struct Metrics {
     database_connected: IntGauge,
     database_verified: prometheus::Gauge,
     database_listening: IntGauge,
+    database_cannot_notify: IntGaugeVec,
     database_reconnects: IntCounterVec,
     heal_wait: Histogram,
     request_duration: Histogram,
@@ -70,7 +73,9 @@ impl Default for Metrics {
         };
         let database_connected = gauge(
             "pgrst_guard_database_connected",
-            "1 when a round trip on the guard's database connection succeeded within the last check interval.",
+            "1 when the guard's database connection took a NOTIFY and its last round trip succeeded within the last \
+             check interval; 0 otherwise, including a server that answers but refuses NOTIFY (see \
+             pgrst_guard_database_cannot_notify).",
         );
         let database_listening = gauge(
             "pgrst_guard_database_listening",
@@ -83,6 +88,19 @@ impl Default for Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(database_verified.clone())).expect("unique metric");
+        let database_cannot_notify = IntGaugeVec::new(
+            Opts::new(
+                "pgrst_guard_database_cannot_notify",
+                "1 for the reason the database answers but refuses the guard's NOTIFY, so heals cannot work: standby \
+                 (a hot standby), queue_full (the notification queue is full), refused (any other); 0 otherwise.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(database_cannot_notify.clone())).expect("unique metric");
+        for reason in CannotNotify::LABELS {
+            database_cannot_notify.with_label_values(&[reason]).set(0);
+        }
         Metrics {
             responses: counter_vec("pgrst_guard_responses_total", "Answers sent to clients, by status.", &["status"]),
             response_counters: Box::new(std::array::from_fn(|_| OnceLock::new())),
@@ -115,9 +133,10 @@ impl Default for Metrics {
             database_connected,
             database_verified,
             database_listening,
+            database_cannot_notify,
             database_reconnects: counter_vec(
                 "pgrst_guard_database_reconnects_total",
-                "Database connections replaced, by cause (closed, timeout, listen_deaf).",
+                "Database connections replaced, by cause (closed, timeout, listen_deaf, cannot_notify).",
                 &["cause"],
             ),
             heal_wait: histogram("pgrst_guard_heal_wait_seconds", "Time from a schema-cache error to the answer sent."),
@@ -177,6 +196,10 @@ impl Metrics {
             Listening::Off(_) => 0,
             Listening::Unverified => -1,
         });
+        let refused = database.cannot_notify.as_ref().map(CannotNotify::label);
+        for reason in CannotNotify::LABELS {
+            self.database_cannot_notify.with_label_values(&[reason]).set(i64::from(refused == Some(reason)));
+        }
         for (cause, count) in &database.reconnects {
             let counter = self.database_reconnects.with_label_values(&[cause.as_str()]);
             counter.inc_by(count.saturating_sub(counter.get()));
@@ -206,6 +229,7 @@ mod tests {
         metrics.catalog_check("missing");
         let mut database = DatabaseHealth {
             connected: true,
+            cannot_notify: None,
             last_verified: Some(std::time::SystemTime::now()),
             listening: Listening::Hearing,
             last_error: None,
@@ -220,6 +244,7 @@ mod tests {
             "pgrst_guard_notifies_seen_total 4",
             "pgrst_guard_database_connected 1",
             "pgrst_guard_database_listening 1",
+            "pgrst_guard_database_cannot_notify{reason=\"standby\"} 0",
             "pgrst_guard_database_reconnects_total{cause=\"timeout\"} 2",
             "pgrst_guard_request_duration_seconds_bucket{le=\"0.005\"} 2",
             "pgrst_guard_request_duration_seconds_count 2",
@@ -229,11 +254,14 @@ mod tests {
         }
         database.connected = false;
         database.listening = Listening::Off("pooler");
+        database.cannot_notify = Some(CannotNotify::Standby);
         let text = metrics.render(&database, NotifyCounts { sent: 1, seen: 6 });
         for line in [
             "pgrst_guard_notifies_seen_total 6",
             "pgrst_guard_database_connected 0",
             "pgrst_guard_database_listening 0",
+            "pgrst_guard_database_cannot_notify{reason=\"standby\"} 1",
+            "pgrst_guard_database_cannot_notify{reason=\"queue_full\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

@@ -188,3 +188,27 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
+
+    use super::*;
+
+    // A failover-aware URI reaches the primary among several hosts: all of it must reach tokio-postgres.
+    #[test]
+    fn a_multi_host_uri_asking_for_the_primary_keeps_every_host() {
+        for text in [
+            "postgresql://guard:secret@10.0.0.1:5433,10.0.0.2:5434/app?target_session_attrs=read-write&sslmode=disable",
+            "host=10.0.0.1,10.0.0.2 port=5433,5434 user=guard password=secret dbname=app target_session_attrs=read-write",
+        ] {
+            let uri = DbUri::parse(text).expect("a multi-host URI");
+            let config = uri.pg_config();
+            let hosts = [Host::Tcp("10.0.0.1".to_string()), Host::Tcp("10.0.0.2".to_string())];
+            assert_eq!(config.get_hosts(), hosts.as_slice(), "{text}");
+            assert_eq!(config.get_ports(), [5433, 5434].as_slice(), "{text}");
+            assert_eq!(config.get_target_session_attrs(), TargetSessionAttrs::ReadWrite, "{text}");
+            assert!(!uri.redacted().contains("secret"), "{}", uri.redacted());
+        }
+    }
+}

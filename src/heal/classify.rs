@@ -64,12 +64,14 @@ pub enum MissingObject {
         table: String,
     },
     /// `args` are the argument names PostgREST looked for (the request's keys); `call` how the
-    /// request passes them, which decides whether a single unnamed argument can take the body.
+    /// request passes them, which decides whether a single argument can take the body, and
+    /// `single_argument_unnamed` whether that argument must be unnamed (PostgREST 14.2 and later).
     Function {
         schema: String,
         name: String,
         args: Vec<String>,
         call: CallShape,
+        single_argument_unnamed: bool,
     },
     /// `hint` is the embed's `!hint` (a foreign key's name, one of its columns, or a junction table).
     Relationship {
@@ -214,6 +216,28 @@ impl RequestFacts<'_> {
             .unwrap_or_default()
     }
 
+    /// Did a cast failure surely come from PostgREST casting the body to its cached column types,
+    /// before any row was written? Only then may a replay follow. A body the guard reads (JSON, or
+    /// CSV), no cast of its own in `select` (that one runs on the rows written), and no filter
+    /// holding the value the message quotes (a filter's value is cast to the column's type when the
+    /// statement runs). What the table itself may raise (triggers, generated columns) the catalog
+    /// check rules out.
+    fn shows_a_body_cast(&self, message: Option<&str>) -> bool {
+        let media = self.content_type.unwrap_or("application/json").split(';').next().unwrap_or_default();
+        let media = media.trim().to_ascii_lowercase();
+        let readable_body = media == "application/json" || media == "text/csv";
+        let select_casts = self.query_param("select").is_some_and(|select| select.contains("::"));
+        let value_in_filters = message.and_then(cast_value).is_some_and(|value| {
+            self.query.is_some_and(|query| {
+                query.split('&').any(|pair| {
+                    let decoded = percent_encoding::percent_decode_str(pair).decode_utf8_lossy();
+                    decoded.contains(value)
+                })
+            })
+        });
+        readable_body && !select_casts && !value_in_filters
+    }
+
     /// Could PostgREST have raised this schema-cache error for *this* request? An application's
     /// answer shaped like one (an RPC setting `response.status`) names other things, or comes from
     /// an RPC where only PGRST202 is PostgREST's own.
@@ -266,8 +290,16 @@ fn csv_header(body: &[u8]) -> Vec<String> {
 
 /// The major version in `Server: postgrest/13.0`.
 pub fn server_major<B>(response: &Response<B>) -> Option<u32> {
+    server_version(response).map(|(major, _)| major)
+}
+
+/// The major and minor version in `Server: postgrest/14.17` (minor 0 when absent).
+pub fn server_version<B>(response: &Response<B>) -> Option<(u32, u32)> {
     let server = response.headers().get(header::SERVER)?.to_str().ok()?;
-    server.strip_prefix("postgrest/")?.split('.').next()?.parse().ok()
+    let mut parts = server.strip_prefix("postgrest/")?.split(['.', ' ']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|minor| minor.parse().ok()).unwrap_or(0);
+    Some((major, minor))
 }
 
 #[derive(Deserialize)]
@@ -328,10 +360,15 @@ pub async fn inspect(
     let (parts, body) = response.into_parts();
     match read_capped(body, ERROR_BODY_CAP, deadline).await {
         Ok(bytes) => {
-            let verdict = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
-            // A type error is healed only for a write to a table, whoever names it: an RPC casts
-            // its arguments the same way.
+            let (verdict, message) = body_verdict(status, method, &bytes, proxy_status_code.as_deref());
+            // A type error is healed only for a write to a table, whoever names it (an RPC casts
+            // its arguments the same way), and only when the body's cast surely raised it.
             let verdict = match &verdict {
+                Verdict::Stale { code: StaleCode::ColumnType(_), .. }
+                    if !request.shows_a_body_cast(message.as_deref()) =>
+                {
+                    Verdict::PassThrough
+                }
                 Verdict::Stale { code: StaleCode::ColumnType(_), .. } => attribute(verdict, request),
                 _ if proxy_status_code.is_some() => verdict,
                 _ => attribute(verdict, request),
@@ -390,19 +427,25 @@ fn is_json<B>(response: &Response<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/json") || v.starts_with("application/vnd.pgrst"))
 }
 
-fn body_verdict(status: StatusCode, method: &Method, body: &[u8], header_code: Option<&str>) -> Verdict {
+/// The verdict a read error body gives, with PostgREST's (or PostgreSQL's) message.
+fn body_verdict(
+    status: StatusCode,
+    method: &Method,
+    body: &[u8],
+    header_code: Option<&str>,
+) -> (Verdict, Option<String>) {
     let parsed: Option<PostgrestError> = serde_json::from_slice(body).ok();
     if status == StatusCode::NOT_FOUND && body == b"{}" && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
     {
-        return Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown };
+        return (Verdict::Stale { code: StaleCode::LegacyTableWrite, object: MissingObject::Unknown }, None);
     }
     let Some(error) = parsed else {
-        return Verdict::PassThrough;
+        return (Verdict::PassThrough, None);
     };
     let code = header_code.map(str::to_string).or(error.code.clone());
     match code {
-        Some(code) => code_verdict(&code, Some(&error)),
-        None => Verdict::PassThrough,
+        Some(code) => (code_verdict(&code, Some(&error)), error.message.clone()),
+        None => (Verdict::PassThrough, None),
     }
 }
 
@@ -458,9 +501,6 @@ fn cast_failure(code: &str, message: &str) -> Option<MissingObject> {
         column: column.map(str::to_string),
         current: current.map(|c| c.trim().to_string()),
     };
-    fn before_quoted_value(text: &str) -> Option<&str> {
-        text.rsplit_once(": \"").map(|(before, _)| before)
-    }
     match code {
         "42804" => {
             let rest = message.strip_prefix("column \"")?;
@@ -485,10 +525,42 @@ fn cast_failure(code: &str, message: &str) -> Option<MissingObject> {
             let rest = message
                 .strip_prefix("invalid input syntax for type ")
                 .or_else(|| message.strip_prefix("invalid input value for enum "))?;
-            Some(object(before_quoted_value(rest)?, None, None))
+            Some(object(type_before_value(rest)?.0, None, None))
         }
         _ => None,
     }
+}
+
+/// Splits `<type>: "<value>"`, the tail of PostgreSQL's `invalid input syntax for type %s: "%s"`,
+/// into the type and the value. The value is quoted but not escaped, so it may hold `: "` itself;
+/// the type, as `format_type` writes it, holds one only inside a double-quoted identifier. So the
+/// first `: "` outside quotes ends the type, whatever the client put in the value.
+fn type_before_value(text: &str) -> Option<(&str, &str)> {
+    let mut quoted = false;
+    for (at, c) in text.char_indices() {
+        match c {
+            // A doubled quote inside an identifier toggles twice: still quoted.
+            '"' => quoted = !quoted,
+            ':' if !quoted && text[at..].starts_with(": \"") => {
+                let value = text[at + 3..].strip_suffix('"')?;
+                return Some((&text[..at], value));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The value a cast failure quotes, if its message quotes one.
+fn cast_value(message: &str) -> Option<&str> {
+    let rest = message
+        .strip_prefix("invalid input syntax for type ")
+        .or_else(|| message.strip_prefix("invalid input value for enum "));
+    if let Some(rest) = rest {
+        return type_before_value(rest).map(|(_, value)| value);
+    }
+    let rest = message.strip_prefix("value \"")?;
+    rest.split_once("\" is out of range for type ").map(|(value, _)| value)
 }
 
 impl PostgrestError {
@@ -547,6 +619,7 @@ pub fn missing_object(message: &str) -> MissingObject {
                 name: name.to_string(),
                 args,
                 call: CallShape::Json,
+                single_argument_unnamed: false,
             };
         }
     }
@@ -651,7 +724,8 @@ mod tests {
                 schema: "public".into(),
                 name: "summarize".into(),
                 args: vec!["a".into(), "message_id".into()],
-                call: CallShape::Json
+                call: CallShape::Json,
+                single_argument_unnamed: false
             }
         );
         assert_eq!(
@@ -660,7 +734,8 @@ mod tests {
                 schema: "public".into(),
                 name: "ping".into(),
                 args: vec![],
-                call: CallShape::Json
+                call: CallShape::Json,
+                single_argument_unnamed: false
             }
         );
         assert_eq!(
@@ -839,6 +914,58 @@ mod tests {
         assert_eq!(cast("22008", "date/time field value out of range: \"2024-02-30\""), None);
         assert_eq!(cast("22003", "numeric field overflow"), None);
         assert_eq!(cast("22001", "valeur trop longue pour le type character varying(8)"), None);
+    }
+
+    #[test]
+    fn a_quote_in_the_value_cannot_move_the_type() {
+        let cast = |message: &str| match cast_failure("22P02", message) {
+            Some(MissingObject::ColumnTypes { cast_to, .. }) => Some(cast_to),
+            _ => None,
+        };
+        for value in ["k17: \"x", "a: \"b: \"c", "\"", ": \"", ""] {
+            let message = format!("invalid input syntax for type integer: \"{value}\"");
+            assert_eq!(cast(&message).as_deref(), Some("integer"), "{message}");
+            assert_eq!(cast_value(&message), Some(value), "{message}");
+        }
+        // A quoted identifier may hold `: "` itself: format_type doubles its quotes.
+        assert_eq!(
+            cast("invalid input value for enum api.\"odd: \"\"name\": \"x: \"y\"").as_deref(),
+            Some("api.\"odd: \"\"name\"")
+        );
+        assert_eq!(cast_value("value \"5000000000\" is out of range for type integer"), Some("5000000000"));
+    }
+
+    #[test]
+    fn only_a_body_cast_is_evidence_for_a_replay() {
+        let message = Some("invalid input syntax for type integer: \"k17: \"x\"");
+        let write = |query, content_type| RequestFacts {
+            method: &Method::POST,
+            path: "/memos",
+            query,
+            content_type,
+            body: Some(br#"{"body":"k17: \"x"}"#),
+        };
+        assert!(write(None, None).shows_a_body_cast(message));
+        assert!(write(None, Some("application/json; charset=utf-8")).shows_a_body_cast(message));
+        assert!(write(Some("columns=body"), Some("text/csv")).shows_a_body_cast(message));
+        // The select's own cast runs on the written rows.
+        assert!(!write(Some("select=id,body::int"), None).shows_a_body_cast(message));
+        // A form body's columns are not read.
+        assert!(!write(None, Some("application/x-www-form-urlencoded")).shows_a_body_cast(message));
+        // The value the message quotes is a filter's.
+        let patch = RequestFacts { method: &Method::PATCH, ..write(Some("id=eq.k17%3A%20%22x"), None) };
+        assert!(!patch.shows_a_body_cast(message));
+        let other = RequestFacts { method: &Method::PATCH, ..write(Some("id=eq.5"), None) };
+        assert!(other.shows_a_body_cast(message));
+    }
+
+    #[test]
+    fn versions_come_from_the_server_header() {
+        let with = |server: &str| Response::builder().header("server", server).body(()).unwrap();
+        assert_eq!(server_version(&with("postgrest/14.17")), Some((14, 17)));
+        assert_eq!(server_version(&with("postgrest/11.2.2")), Some((11, 2)));
+        assert_eq!(server_version(&with("postgrest/13")), Some((13, 0)));
+        assert_eq!(server_version(&with("nginx")), None);
     }
 
     #[tokio::test]

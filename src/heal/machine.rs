@@ -122,6 +122,8 @@ pub(super) struct Heal<'a, S> {
     attempt: u32,
     /// A reload that surely began after the catalog confirmed the object was had.
     covered: bool,
+    /// A mark a completed reload left (doubted, or no longer wanted) covers this heal.
+    proved_by_mark: bool,
     /// Turns of back-off (empty cache, refused connections, settling), for the growing delays.
     backoffs: u32,
     /// Reloads waited on so far.
@@ -164,6 +166,7 @@ impl<'a, S> Heal<'a, S> {
             ticket: None,
             attempt: 0,
             covered: false,
+            proved_by_mark: false,
             backoffs: 0,
             flights: 0,
             settle_until: None,
@@ -258,6 +261,7 @@ impl<'a, S> Heal<'a, S> {
                 // A reload that saw it is done, and did not cure it yet (a replica may lag): wait,
                 // but ask for nothing.
                 self.covered = true;
+                self.proved_by_mark = true;
                 self.confirmed = Some(reply);
                 self.settle_until = Some(self.backoffs + SETTLE_AFTER_OBSERVED_RELOAD);
                 State::Settle
@@ -293,10 +297,9 @@ impl<'a, S> Heal<'a, S> {
         self.flights += 1;
         let rule = if self.flights == 1 { JoinRule::AnyPending } else { JoinRule::NotifiedAfter };
         let catalog = self.service.catalog.clone();
-        let (object, schema) = (self.object.clone(), self.schema.clone());
-        let fingerprint = self.confirmed.as_ref().and_then(|c| c.fingerprint.clone());
-        let still_wanted = move || match (&catalog, &object, &fingerprint) {
-            (Some(catalog), Some(object), Some(fingerprint)) => !catalog.marked(object, &schema, fingerprint),
+        let definition = self.confirmed.as_ref().and_then(|c| c.definition.clone());
+        let still_wanted = move || match (&catalog, &definition) {
+            (Some(catalog), Some(definition)) => !catalog.marked(definition),
             _ => true,
         };
         match self.service.coordinator.join_or_start(self.sent_at, self.budget.deadline(), rule, still_wanted).await {
@@ -310,6 +313,7 @@ impl<'a, S> Heal<'a, S> {
                 match e {
                     crate::reload::coordinator::ReloadError::NoLongerWanted => {
                         self.covered = true;
+                        self.proved_by_mark = true;
                         State::Settle
                     }
                     crate::reload::coordinator::ReloadError::Deadline => State::Done(HealOutcome::NoDatabase),
@@ -477,6 +481,8 @@ impl<'a, S> Heal<'a, S> {
                 name: name.clone(),
                 args: args.clone(),
                 call: CallShape::of(&self.template.method, self.template.content_type()),
+                // PostgREST #4553, in 14.2: a single body argument must be unnamed.
+                single_argument_unnamed: classify::server_version(&self.last).is_some_and(|v| v >= (14, 2)),
             },
             known => known.clone(),
         }
@@ -486,12 +492,13 @@ impl<'a, S> Heal<'a, S> {
     /// replay after it still failed: no more NOTIFYs for the object in this definition, and a short
     /// settle for instances the guard does not watch.
     fn doubt(&mut self) -> State {
-        if let (Some(catalog), Some(object), Some(fingerprint)) =
-            (&self.service.catalog, &self.object, self.confirmed.as_ref().and_then(|c| c.fingerprint.clone()))
+        if let (Some(catalog), Some(definition)) =
+            (&self.service.catalog, self.confirmed.as_ref().and_then(|c| c.definition.as_ref()))
         {
-            catalog.doubt(object, &self.schema, fingerprint);
+            catalog.doubt(definition);
         }
         self.covered = true;
+        self.proved_by_mark = true;
         self.ticket = None;
         self.settle_until = Some(self.backoffs + SETTLE_AFTER_OBSERVED_RELOAD);
         State::Settle
@@ -506,9 +513,22 @@ impl<'a, S> Heal<'a, S> {
         }
     }
 
-    /// Has this heal waited out a reload that surely began after the object was confirmed?
-    fn had_covering_reload(&self) -> bool {
-        self.covered || self.ticket.as_ref().is_some_and(|ticket| self.covers(ticket.flight()))
+    /// Did a reload that surely saw the object complete before the last replay was sent? With load
+    /// counters: every instance finished the load that began after the NOTIFY. Without: a replay
+    /// waiting on the same reload succeeded before it (the reload was done on the instance that
+    /// answered). A mark set earlier by such a reload (doubted, or no longer wanted) proves it too.
+    fn cure_was_proved(&self) -> bool {
+        if self.proved_by_mark {
+            return true;
+        }
+        let Some(ticket) = &self.ticket else { return false };
+        let flight = ticket.flight();
+        let progress = flight.progress();
+        let done = match progress.completion {
+            Completion::LoadCounter => progress.settled_at,
+            Completion::Backoff => progress.cured_at,
+        };
+        self.covers(flight) && done.is_some_and(|done| done <= self.sent_at)
     }
 
     /// Was the last replay sent after a covering reload had finished on every instance?
@@ -535,14 +555,15 @@ impl<'a, S> Heal<'a, S> {
             return self.last;
         }
         let stale_again = matches!(&self.verdict, Verdict::Stale { code, object } if Some(&self.in_context(object, *code)) == self.object.as_ref());
-        if let (Some(catalog), Some(object)) = (&self.service.catalog, &self.object) {
+        let definition = self.confirmed.as_ref().and_then(|c| c.definition.as_ref());
+        if let (Some(catalog), Some(object), Some(definition)) = (&self.service.catalog, &self.object, definition) {
             if outcome == HealOutcome::Healed {
-                catalog.cured(object, &self.schema);
-            } else if outcome == HealOutcome::GaveUp && stale_again && self.had_covering_reload() {
-                // A reload that surely saw the object came and went, and the error stayed.
-                if let Some(fingerprint) = self.confirmed.as_ref().and_then(|c| c.fingerprint.clone()) {
-                    catalog.reload_did_not_cure(object, &self.schema, fingerprint);
-                }
+                catalog.cured(definition);
+            } else if outcome == HealOutcome::GaveUp && stale_again && self.cure_was_proved() {
+                // A reload that surely saw the object completed before the last replay was sent,
+                // and the error stayed. A heal that only ran out of time proves nothing: a reload
+                // slower than the deadline must not mark a real object.
+                catalog.reload_did_not_cure(object, definition);
             }
         }
         if outcome == HealOutcome::Healed {

@@ -14,6 +14,11 @@
 //!   an idle connection is found dead by the check, not by the first heal after a quiet night, and a
 //!   LISTEN that receives nothing (a transaction-mode pooler, PostgreSQL's notification-queue bug) is
 //!   renewed, and reported when renewing does not help;
+//! - an answer is not health: a connection counts as up only once a NOTIFY went through on it, the
+//!   one thing every heal needs. A server that refuses it (a hot standby, a full notification
+//!   queue) is reported as [`CannotNotify`], never as connected; a standby is not kept at all, and
+//!   reconnecting with back-off goes on until the URI reaches a primary again (after a failover, or
+//!   through a multi-host URI with `target_session_attrs=read-write`);
 //! - TCP keepalive with a short idle time lets the kernel end a dead flow too.
 //!
 //! Queries use the unnamed statement in one round trip (`query_typed`), which works through
@@ -28,6 +33,7 @@ use futures_util::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Row};
 
@@ -57,6 +63,8 @@ pub struct DatabaseSettings {
 pub enum DbError {
     /// No connection could be had, or it failed, before the deadline.
     Unavailable(String),
+    /// The server answers but refuses the NOTIFY every heal ends with.
+    CannotNotify(CannotNotify),
     /// PostgreSQL answered with an error (the connection is fine).
     Query(String),
 }
@@ -65,7 +73,55 @@ impl std::fmt::Display for DbError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DbError::Unavailable(reason) => write!(f, "no database connection: {reason}"),
+            DbError::CannotNotify(why) => write!(f, "cannot NOTIFY: {why}"),
             DbError::Query(reason) => write!(f, "database request failed: {reason}"),
+        }
+    }
+}
+
+/// Why PostgreSQL answers the guard but would refuse a heal's NOTIFY.
+///
+/// A read-only session is not among them: `NOTIFY` and `pg_notify` are allowed in read-only
+/// transactions (`default_transaction_read_only = on`, a role set read-only), and such a session
+/// heals; only recovery refuses them (PostgreSQL's `PreventCommandDuringRecovery("NOTIFY")`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CannotNotify {
+    /// The server is in recovery: a replica, or an old primary after a failover (SQLSTATE 25006).
+    Standby,
+    /// "too many notifications in the NOTIFY queue" (SQLSTATE 54000): a listener stopped reading.
+    QueueFull,
+    /// Any other refusal, in PostgreSQL's words (EXECUTE on `pg_notify` revoked, ...).
+    Refused(String),
+}
+
+impl CannotNotify {
+    /// What the error PostgreSQL gave a NOTIFY says about the session.
+    pub fn of(error: &tokio_postgres::Error) -> CannotNotify {
+        match error.code() {
+            Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => CannotNotify::Standby,
+            Some(&SqlState::PROGRAM_LIMIT_EXCEEDED) => CannotNotify::QueueFull,
+            _ => CannotNotify::Refused(describe(error)),
+        }
+    }
+
+    /// The `reason` label of `pgrst_guard_database_cannot_notify`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CannotNotify::Standby => "standby",
+            CannotNotify::QueueFull => "queue_full",
+            CannotNotify::Refused(_) => "refused",
+        }
+    }
+
+    pub const LABELS: [&'static str; 3] = ["standby", "queue_full", "refused"];
+}
+
+impl std::fmt::Display for CannotNotify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CannotNotify::Standby => f.write_str("server is a hot standby"),
+            CannotNotify::QueueFull => f.write_str("notify queue is full"),
+            CannotNotify::Refused(message) => f.write_str(message),
         }
     }
 }
@@ -79,6 +135,8 @@ pub enum ReconnectCause {
     Timeout,
     /// The round trip worked but its own NOTIFY never came back on LISTEN.
     ListenDeaf,
+    /// The server refused the check's NOTIFY as a standby: another connection may reach a primary.
+    CannotNotify,
 }
 
 impl ReconnectCause {
@@ -87,6 +145,7 @@ impl ReconnectCause {
             ReconnectCause::Closed => "closed",
             ReconnectCause::Timeout => "timeout",
             ReconnectCause::ListenDeaf => "listen_deaf",
+            ReconnectCause::CannotNotify => "cannot_notify",
         }
     }
 }
@@ -103,12 +162,27 @@ pub enum Listening {
     Off(&'static str),
 }
 
+/// Whether a NOTIFY, what every heal ends with, goes through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum Notifying {
+    /// Not proved on the current connection (or there is none).
+    #[default]
+    Unproved,
+    /// A NOTIFY went through on the current connection.
+    Proved,
+    /// The server answers but refuses it. Kept across reconnects until a NOTIFY goes through or no
+    /// server answers at all, so a standby reached again and again is one state, not a flapping one.
+    Refused(CannotNotify),
+}
+
 /// What was last verified about the database path, and when.
 #[derive(Clone, Debug)]
 pub struct DatabaseHealth {
-    /// A connection exists and its last round trip, within the last check interval and timeout,
-    /// succeeded.
+    /// A connection exists, a NOTIFY went through on it, and its last round trip, within the last
+    /// check interval and timeout, succeeded.
     pub connected: bool,
+    /// The server answers but would refuse a heal's NOTIFY, and why.
+    pub cannot_notify: Option<CannotNotify>,
     /// When a round trip last succeeded.
     pub last_verified: Option<SystemTime>,
     pub listening: Listening,
@@ -131,6 +205,14 @@ pub enum Claim {
 #[derive(Clone, Copy, Debug)]
 pub struct ObservedReload {
     pub sender_pid: i32,
+}
+
+/// How one statement failed.
+enum Failure {
+    /// PostgreSQL refused it on this session (the connection is fine).
+    Refused(Arc<Session>, tokio_postgres::Error),
+    /// No session to run it on, or none that answered in time.
+    NoSession(DbError),
 }
 
 /// One connection and what runs it.
@@ -160,6 +242,7 @@ impl Session {
 #[derive(Default)]
 struct HealthState {
     last_verified: Option<(Instant, SystemTime)>,
+    notifying: Notifying,
     listening: Option<Listening>,
     last_error: Option<String>,
     reconnects: BTreeMap<ReconnectCause, u64>,
@@ -241,7 +324,13 @@ impl Database {
         let health = self.health.lock().expect("health lock");
         let fresh = self.settings.check_interval + self.settings.op_timeout * 2;
         DatabaseHealth {
-            connected: live && health.last_verified.is_some_and(|(at, _)| at.elapsed() <= fresh),
+            connected: live
+                && health.notifying == Notifying::Proved
+                && health.last_verified.is_some_and(|(at, _)| at.elapsed() <= fresh),
+            cannot_notify: match &health.notifying {
+                Notifying::Refused(why) => Some(why.clone()),
+                _ => None,
+            },
             last_verified: health.last_verified.map(|(_, wall)| wall),
             listening: health.listening.clone().unwrap_or(Listening::Unverified),
             last_error: health.last_error.clone(),
@@ -310,11 +399,30 @@ impl Database {
 
     /// `NOTIFY <channel>, 'reload schema'`. `pg_notify` takes the channel as a value: no identifier
     /// quoting to get wrong, and the name stays case-sensitive as PostgREST's quoted LISTEN expects.
+    /// A standby's refusal discards its connection, and the NOTIFY is sent once more on the next one
+    /// while the deadline allows: after a failover that one may reach the new primary.
     pub async fn notify_reload(&self, deadline: Instant) -> Result<(), DbError> {
         let channel = self.settings.channel.as_str();
-        self.query(deadline, "SELECT pg_notify($1, 'reload schema')", &[(&channel, Type::TEXT)]).await?;
-        self.sent.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+        let mut may_retry = true;
+        loop {
+            match self.run(deadline, "SELECT pg_notify($1, 'reload schema')", &[(&channel, Type::TEXT)]).await {
+                Ok(_) => {
+                    self.set_notifying(Notifying::Proved);
+                    self.sent.fetch_add(1, Ordering::AcqRel);
+                    return Ok(());
+                }
+                Err(Failure::Refused(session, e)) => {
+                    let why = CannotNotify::of(&e);
+                    self.set_notifying(Notifying::Refused(why.clone()));
+                    if why == CannotNotify::Standby && std::mem::take(&mut may_retry) {
+                        self.discard(&session, ReconnectCause::CannotNotify, format!("cannot NOTIFY: {why}"));
+                        continue;
+                    }
+                    return Err(DbError::CannotNotify(why));
+                }
+                Err(Failure::NoSession(e)) => return Err(e),
+            }
+        }
     }
 
     /// Runs one statement (unnamed, one round trip) and returns its rows. Ends by `deadline`; an
@@ -326,12 +434,25 @@ impl Database {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, DbError> {
+        self.run(deadline, sql, params).await.map_err(|failure| match failure {
+            Failure::Refused(_, e) => DbError::Query(describe(&e)),
+            Failure::NoSession(e) => e,
+        })
+    }
+
+    /// [`Database::query`], with PostgreSQL's refusal as it came and the session that got it.
+    async fn run(
+        &self,
+        deadline: Instant,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Failure> {
         let mut last_error = None;
         for _ in 0..2 {
             if Instant::now() >= deadline {
                 break;
             }
-            let session = self.session(deadline).await?;
+            let session = self.session(deadline).await.map_err(Failure::NoSession)?;
             let until = deadline.min(Instant::now() + self.settings.op_timeout);
             match tokio::time::timeout_at(until, session.client.query_typed(sql, params)).await {
                 Ok(Ok(rows)) => {
@@ -340,7 +461,7 @@ impl Database {
                 }
                 Ok(Err(e)) if e.as_db_error().is_some() => {
                     self.verified();
-                    return Err(DbError::Query(describe(&e)));
+                    return Err(Failure::Refused(session, e));
                 }
                 Ok(Err(e)) => {
                     last_error = Some(describe(&e));
@@ -357,7 +478,8 @@ impl Database {
                 }
             }
         }
-        Err(DbError::Unavailable(last_error.unwrap_or_else(|| "the deadline passed".to_string())))
+        let reason = last_error.unwrap_or_else(|| "the deadline passed".to_string());
+        Err(Failure::NoSession(DbError::Unavailable(reason)))
     }
 
     /// A live connection: the current one, or a new one made now (bounded by `deadline`), never
@@ -391,9 +513,12 @@ impl Database {
             let mut health = self.health.lock().expect("health lock");
             *health.reconnects.entry(cause).or_default() += 1;
             health.last_error = Some(reason);
-            // A LISTEN proved on the old connection says nothing of the next one.
+            // A LISTEN or NOTIFY proved on the old connection says nothing of the next one.
             if health.listening == Some(Listening::Hearing) {
                 health.listening = Some(Listening::Unverified);
+            }
+            if health.notifying == Notifying::Proved {
+                health.notifying = Notifying::Unproved;
             }
             self.discarded.notify_one();
         }
@@ -450,10 +575,17 @@ impl Database {
         let setup = async {
             // PostgREST's own remedy for PostgreSQL's notification-queue bug (#3147), run on every
             // new connection: cheap, and it unblocks a queue that would keep LISTEN deaf.
-            let pid: i32 = client
-                .query_typed_one("SELECT pg_backend_pid() FROM (SELECT pg_notification_queue_usage()) AS q", &[])
-                .await?
-                .get(0);
+            let row = client
+                .query_typed_one(
+                    "SELECT pg_backend_pid(), pg_is_in_recovery() FROM (SELECT pg_notification_queue_usage()) AS q",
+                    &[],
+                )
+                .await?;
+            let (pid, in_recovery): (i32, bool) = (row.get(0), row.get(1));
+            if in_recovery {
+                // A standby refuses LISTEN and NOTIFY alike: not worth keeping.
+                return Ok(Err(CannotNotify::Standby));
+            }
             for channel in [self.settings.channel.as_str(), self.heartbeat_channel.as_str()] {
                 let listen = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
                 if let Err(e) = client.batch_execute(&listen).await {
@@ -463,10 +595,16 @@ impl Database {
                     tracing::warn!(error = %describe(&e), channel, "LISTEN failed");
                 }
             }
-            Ok::<_, tokio_postgres::Error>(pid)
+            Ok::<_, tokio_postgres::Error>(Ok(pid))
         };
         let pid = match tokio::time::timeout_at(until, setup).await {
-            Ok(Ok(pid)) => pid,
+            Ok(Ok(Ok(pid))) => pid,
+            Ok(Ok(Err(why))) => {
+                driver.abort();
+                self.health.lock().expect("health lock").last_error = Some(format!("cannot NOTIFY: {why}"));
+                self.set_notifying(Notifying::Refused(why.clone()));
+                return Err(DbError::CannotNotify(why));
+            }
             failed => {
                 driver.abort();
                 let reason = match failed {
@@ -483,9 +621,32 @@ impl Database {
         Ok(session)
     }
 
+    /// No server answered: whatever one refused before says nothing of the next one to answer.
     fn connect_failed(&self, reason: String) -> DbError {
-        self.health.lock().expect("health lock").last_error = Some(reason.clone());
+        let mut health = self.health.lock().expect("health lock");
+        health.last_error = Some(reason.clone());
+        if matches!(health.notifying, Notifying::Refused(_)) {
+            health.notifying = Notifying::Unproved;
+        }
         DbError::Unavailable(reason)
+    }
+
+    /// Records whether a NOTIFY goes through; says so in the log when that changes.
+    fn set_notifying(&self, notifying: Notifying) {
+        let mut health = self.health.lock().expect("health lock");
+        if health.notifying == notifying {
+            return;
+        }
+        match (&health.notifying, &notifying) {
+            (_, Notifying::Refused(why)) => {
+                tracing::warn!(db = %self.uri.redacted(), "cannot NOTIFY: {why}; heals cannot ask PostgREST to reload until the database takes a NOTIFY again")
+            }
+            (Notifying::Refused(_), Notifying::Proved) => {
+                tracing::info!(db = %self.uri.redacted(), "the database can NOTIFY again: heals resume")
+            }
+            _ => {}
+        }
+        health.notifying = notifying;
     }
 
     /// Proves the round trip and the LISTEN at once: a NOTIFY on the private channel must come back.
@@ -504,6 +665,7 @@ impl Database {
         match sent {
             Ok(Ok(rows)) => {
                 self.verified();
+                self.set_notifying(Notifying::Proved);
                 let pid = rows.first().and_then(|row| row.try_get::<_, i32>(0).ok());
                 if pid.is_some_and(|pid| pid != session.pid) {
                     // LISTEN belongs to a session; this one hops between backends.
@@ -512,7 +674,7 @@ impl Database {
             }
             Ok(Err(e)) if e.as_db_error().is_some() => {
                 self.verified();
-                return Heartbeat::Failed(describe(&e));
+                return Heartbeat::CannotNotify(CannotNotify::of(&e));
             }
             Ok(Err(e)) => return Heartbeat::Dead(ReconnectCause::Closed, describe(&e)),
             Err(_) => {
@@ -570,8 +732,8 @@ enum Heartbeat {
     /// Statements run on another backend than the one the connection began on: a transaction-mode
     /// pooler, where LISTEN cannot be relied on even when a NOTIFY happens to come back.
     Pooled,
-    /// PostgreSQL refused the check (the connection answers).
-    Failed(String),
+    /// PostgreSQL refused the check's NOTIFY (the connection answers).
+    CannotNotify(CannotNotify),
     Dead(ReconnectCause, String),
 }
 
@@ -596,10 +758,10 @@ async fn keep_verified(database: Weak<Database>, discarded: Arc<Notify>) {
         let Some(session) = db.current() else {
             let attempt = db.session(Instant::now() + CONNECT_TIMEOUT).await;
             let wait = match attempt {
-                Ok(_) => {
-                    backoff = FIRST_BACKOFF;
-                    continue;
-                }
+                // The back-off is reset by a NOTIFY that goes through, not by a connection.
+                Ok(_) => continue,
+                // Said once, when it became so.
+                Err(DbError::CannotNotify(_)) => backoff,
                 Err(e) => {
                     tracing::warn!(db = %db.uri.redacted(), error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the database for reload NOTIFY; healing waits for it");
                     backoff
@@ -610,7 +772,11 @@ async fn keep_verified(database: Weak<Database>, discarded: Arc<Notify>) {
             tokio::time::sleep(wait).await;
             continue;
         };
-        match db.heartbeat(&session).await {
+        let heartbeat = db.heartbeat(&session).await;
+        if matches!(heartbeat, Heartbeat::Hearing | Heartbeat::Deaf | Heartbeat::Pooled) {
+            backoff = FIRST_BACKOFF;
+        }
+        match heartbeat {
             Heartbeat::Hearing => {
                 deaf_since = None;
                 db.set_listening(Listening::Hearing);
@@ -636,8 +802,19 @@ async fn keep_verified(database: Weak<Database>, discarded: Arc<Notify>) {
                 }
             }
             Heartbeat::Pooled => db.set_listening(Listening::Off(POOLED)),
-            Heartbeat::Failed(reason) => {
-                tracing::warn!(error = %reason, "the database refused the connection check");
+            Heartbeat::CannotNotify(why) => {
+                let standby = why == CannotNotify::Standby;
+                db.set_notifying(Notifying::Refused(why));
+                if standby {
+                    // Another connection may reach a primary: after a failover, or another host of
+                    // the URI. Not at once: the same standby is likely to answer again.
+                    db.discard(&session, ReconnectCause::CannotNotify, "cannot NOTIFY: server is a hot standby".into());
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    drop((db, session));
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
             }
             Heartbeat::Dead(cause, reason) => {
                 db.discard(&session, cause, reason);

@@ -7,6 +7,7 @@ mod support;
 
 mod cli;
 mod database;
+mod decoys;
 mod deployment;
 mod docker;
 mod doctor;
@@ -23,6 +24,7 @@ mod resources;
 mod safety;
 mod sandbox;
 mod sharing;
+mod standby;
 mod supabase_stack;
 mod tls;
 mod type_changes;

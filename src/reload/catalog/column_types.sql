@@ -11,12 +11,19 @@
 -- * otherwise: no body column's current type, in any spelling PostgreSQL may use for it (with or
 --   without its modifier, its element type, its domain's base type, with or without schema), is
 --   the type cast to. A value too long for a column's *current* varchar(64) names varchar(64): a
---   client's own error, never stale. What the rule cannot tell apart from a stale cast (a trigger
---   of the table failing a cast of its own), the guard learns from (see mod.rs).
+--   client's own error, never stale.
+--
+-- A replay must not repeat what the failed request did, so the evidence must show the error came
+-- from the body's cast, which `json_to_recordset` materialises whole before the first row reaches
+-- the table. Anything that could raise the same error after a row was written is not stale:
+-- * the relation has a trigger of its own (a BEFORE trigger's `nextval`, `http_post` or
+--   `dblink_exec` would run again on a replay);
+-- * a generated column has the type cast to (its expression runs per row).
+-- `select=` casts, filters and form bodies are ruled out by the classifier before this query.
 --
 -- One row per key: $1 schemas, $2 tables, $3 the body's columns as a JSON array, $4 the type cast
--- to, $5 the column (42804) or NULL, $6 its current type (42804) or NULL. The fingerprint is the
--- table's catalog row and its body columns' rows: ALTER COLUMN ... TYPE changes them.
+-- to, $5 the column (42804) or NULL, $6 its current type (42804) or NULL. The identity is the
+-- relation; the fingerprint what PostgREST caches of it (relation_fingerprint.sql).
 WITH k AS (
   SELECT k.idx, k.schema, k.tbl, k.cast_to, k.col, k.cur,
          ARRAY(SELECT jsonb_array_elements_text(k.cols::jsonb)) AS cols
@@ -24,7 +31,8 @@ WITH k AS (
          WITH ORDINALITY AS k(schema, tbl, cols, cast_to, col, cur, idx)
 ),
 rel AS (
-  SELECT k.idx, c.oid, c.xmin
+  SELECT k.idx, c.oid, {relation_fingerprint(c)} AS fingerprint,
+         EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = c.oid AND NOT tg.tgisinternal) AS has_triggers
     FROM k
     JOIN pg_namespace n ON n.nspname = k.schema
     JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.tbl
@@ -32,7 +40,7 @@ rel AS (
 ),
 -- Every spelling of each body column's current type, without a schema.
 spelled AS (
-  SELECT r.idx, a.attname::text AS col, a.attnum, a.xmin,
+  SELECT r.idx, a.attname::text AS col,
          regexp_replace(s.spelling, '^[^.(]*\.', '') AS spelling
     FROM rel r
     JOIN k ON k.idx = r.idx
@@ -50,8 +58,14 @@ spelled AS (
    WHERE s.spelling IS NOT NULL
 )
 SELECT k.idx,
-       EXISTS (SELECT 1 FROM rel r WHERE r.idx = k.idx)
+       EXISTS (SELECT 1 FROM rel r WHERE r.idx = k.idx AND (k.col IS NOT NULL OR NOT r.has_triggers))
        AND (SELECT count(DISTINCT s.col) FROM spelled s WHERE s.idx = k.idx) = cardinality(k.cols)
+       AND (k.col IS NOT NULL OR NOT EXISTS (SELECT 1 FROM rel r
+                         JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                            AND a.attgenerated <> ''
+                        WHERE r.idx = k.idx
+                          AND regexp_replace(format_type(a.atttypid, NULL), '^[^.(]*\.', '')
+                              = regexp_replace(regexp_replace(k.cast_to, '\(.*$', ''), '^[^.(]*\.', '')))
        AND CASE
              WHEN k.col IS NOT NULL THEN
                k.col = ANY (k.cols)
@@ -63,7 +77,6 @@ SELECT k.idx,
                NOT EXISTS (SELECT 1 FROM spelled s WHERE s.idx = k.idx
                               AND s.spelling = regexp_replace(k.cast_to, '^[^.(]*\.', ''))
            END AS cached,
-       (SELECT string_agg(r.oid::text || ':' || r.xmin::text, ',') FROM rel r WHERE r.idx = k.idx) || '/' ||
-       coalesce((SELECT string_agg(DISTINCT s.attnum::text || ':' || s.xmin::text, ',') FROM spelled s WHERE s.idx = k.idx), '')
-         AS fingerprint
+       (SELECT 'rel:' || r.oid::text FROM rel r WHERE r.idx = k.idx) AS identity,
+       (SELECT r.fingerprint FROM rel r WHERE r.idx = k.idx) AS fingerprint
   FROM k

@@ -6,10 +6,14 @@
 //! models.
 //!
 //! Whatever the model misses, the guard learns from the outcome: when a reload that began after the
-//! catalog confirmed an object has completed and the same error comes back, the object's catalog
-//! fingerprint (the rows that define it) is remembered, and no further reload is asked for it until
-//! its definition changes. A migration that changes the object changes the fingerprint, so a request
-//! sent after it heals as before.
+//! catalog confirmed an object has completed and the same error comes back, the object is marked,
+//! and no further reload is asked for it until its definition changes. A mark is keyed by the
+//! catalog object the query resolved (a relation's oid, a function's name in its schema, an
+//! embed's origin and target), never by the request's text, so a client that varies a value, an
+//! argument name or a hint meets the same mark; and it holds a fingerprint of what PostgREST caches
+//! of the object (names, types with modifiers, defaults, keys, signatures), never row versions, so
+//! TRUNCATE, GRANT, VACUUM FULL or an identical CREATE OR REPLACE change nothing, while a migration
+//! that changes the object does, and a request sent after it heals as before.
 //!
 //! ```text
 //!  request ──► check(object, sent_at) ──► an answer from a query that began after sent_at? ──► reply
@@ -27,8 +31,8 @@
 //! database sees at most one batch of queries per interval. The batch worker is a task of its own: a
 //! client that leaves changes nothing for the others waiting on the same answer.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -39,16 +43,50 @@ use super::database::Database;
 use crate::heal::classify::{CallShape, MissingObject};
 
 /// PostgREST's cache of tables and views: `src/PostgREST/SchemaCache.hs` (`tablesSqlQuery`).
-const TABLES_SQL: &str = include_str!("tables.sql");
+static TABLES_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("tables.sql")));
 /// PostgREST's cached columns of tables and views (`tablesSqlQuery`'s `columns`).
-const COLUMNS_SQL: &str = include_str!("columns.sql");
+static COLUMNS_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("columns.sql")));
 /// PostgREST's cached functions (`funcsSqlQuery`) and how a call resolves (`Plan.hs` `findProc`).
 const FUNCTIONS_SQL: &str = include_str!("functions.sql");
 /// PostgREST's relationships (`allM2OandO2ORels`, `addM2MRels`, views, computed relationships) and
 /// how an embed resolves (`Plan.hs` `findRel`).
-const RELATIONSHIPS_SQL: &str = include_str!("relationships.sql");
+static RELATIONSHIPS_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("relationships.sql")));
 /// The column types PostgREST casts a write's body to (`colNominalType`, `fromJsonBodyF`).
-const COLUMN_TYPES_SQL: &str = include_str!("column_types.sql");
+static COLUMN_TYPES_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("column_types.sql")));
+/// What PostgREST caches of one relation, hashed; shared by every query that names a relation, so
+/// that a mark set through one kind of error holds for the others.
+const RELATION_FINGERPRINT_SQL: &str = include_str!("relation_fingerprint.sql");
+
+/// Puts the relation fingerprint where a query asks for it: `{relation_fingerprint(c)}` for the
+/// pg_class alias `c`.
+fn with_fingerprints(sql: &str) -> String {
+    let expression: String = RELATION_FINGERPRINT_SQL
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = sql.to_string();
+    while let Some(start) = out.find("{relation_fingerprint(") {
+        let end = start + out[start..].find(")}").expect("a closed placeholder") + 2;
+        let alias = &out[start + "{relation_fingerprint(".len()..end - 2];
+        let expanded = expression.replace(":rel", alias);
+        out.replace_range(start..end, &expanded);
+    }
+    out
+}
+
+/// PostgreSQL's identifiers are at most this long (NAMEDATALEN - 1): a longer name is no catalog
+/// object, whatever a client sends.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The catalog object a check resolved to, and what PostgREST caches of it. Marks are keyed by the
+/// identity (oids and names the catalog vouched for), never by the text of a request or a message,
+/// so a client that varies its text meets the same mark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Definition {
+    pub identity: Arc<str>,
+    pub fingerprint: Arc<str>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatalogAnswer {
@@ -93,8 +131,8 @@ pub struct CatalogReply {
     /// For [`CatalogAnswer::Exists`]: since when the object is known to exist in this definition (a
     /// NOTIFY sent after that reaches a load that sees it); otherwise when the answer came.
     pub known_since: Instant,
-    /// The catalog rows that define the object, for [`CatalogCheck::reload_did_not_cure`].
-    pub fingerprint: Option<Arc<str>>,
+    /// The catalog object and its definition, for [`CatalogCheck::reload_did_not_cure`].
+    pub definition: Option<Definition>,
 }
 
 type CheckKey = (String, MissingObject);
@@ -106,18 +144,24 @@ struct Answered {
     began: Instant,
     /// None: the query failed.
     cached: Option<bool>,
-    fingerprint: Arc<str>,
+    definition: Option<Definition>,
     known_since: Instant,
 }
 
 #[derive(Default)]
 struct State {
-    /// The newest answer per object, bounded by [`MAX_KEYS`].
+    /// The newest answer per request text, bounded by [`MAX_KEYS`]; `answered_order` lists them
+    /// oldest first, so the oldest goes in O(1) (an entry whose answer was replaced since is skipped).
     known: HashMap<CheckKey, Answered>,
+    answered_order: VecDeque<(CheckKey, Instant)>,
+    /// The names the remembered answers' keys hold, in bytes, bounded by [`MAX_KEY_BYTES`].
+    known_bytes: usize,
     /// Objects waiting for the next batch, each with the channel its answer goes out on.
     queued: HashMap<CheckKey, watch::Sender<Option<Answered>>>,
-    /// Objects a completed reload did not cure, with the fingerprint they had then.
-    marks: HashMap<CheckKey, (Arc<str>, Mark)>,
+    /// Catalog objects a completed reload did not cure, by identity, with the fingerprint they had
+    /// then. Only a reload sets one, so a flood of requests cannot add any, nor push one out.
+    marks: HashMap<Arc<str>, (Arc<str>, Mark)>,
+    marks_order: VecDeque<Arc<str>>,
 }
 
 /// What a reload that surely saw an object left behind.
@@ -139,8 +183,11 @@ pub struct CatalogCheck {
     shared: Arc<Shared>,
 }
 
-/// Objects remembered at most (answers, and uncured fingerprints); the oldest are forgotten first.
+/// Objects remembered at most (answers, and uncured definitions); the oldest are forgotten first.
 const MAX_KEYS: usize = 10_000;
+/// The names remembered answers may hold in all: a flood of long distinct names (a call with a
+/// hundred 63-byte argument names is 6 KiB) costs at most this, however many keys it brings.
+const MAX_KEY_BYTES: usize = 4 << 20;
 /// A batch's queries end by then, whatever the database does.
 const BATCH_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -166,17 +213,19 @@ impl CatalogCheck {
         requested_at: Instant,
         deadline: Instant,
     ) -> CatalogReply {
-        let unknown =
-            || CatalogReply { answer: CatalogAnswer::Unknown, known_since: Instant::now(), fingerprint: None };
+        let unknown = || CatalogReply { answer: CatalogAnswer::Unknown, known_since: Instant::now(), definition: None };
         if *object == MissingObject::Unknown {
             return unknown();
+        }
+        if !names_fit(object, schema) {
+            return CatalogReply { answer: CatalogAnswer::Missing, known_since: Instant::now(), definition: None };
         }
         let key = (schema.to_string(), object.clone());
         let (mut receiver, first) = {
             let mut state = self.shared.state.lock().expect("catalog lock");
             if let Some(known) = state.known.get(&key).filter(|known| known.began >= requested_at) {
                 let known = known.clone();
-                return reply(&state, &key, &known, false);
+                return reply(&state, &known, false);
             }
             match state.queued.get(&key) {
                 Some(queued) => (queued.subscribe(), false),
@@ -195,62 +244,96 @@ impl CatalogCheck {
         match answered {
             Some(answered) => {
                 let state = self.shared.state.lock().expect("catalog lock");
-                reply(&state, &key, &answered, first)
+                reply(&state, &answered, first)
             }
             None => unknown(),
         }
     }
 
-    /// A reload that began after the catalog confirmed `object` (as `fingerprint`) has finished
+    /// A reload that began after the catalog confirmed the object (in `definition`) has finished
     /// everywhere, and a replay after it still met the same error: no reload is asked for it again
     /// until its definition changes.
-    pub fn doubt(&self, object: &MissingObject, schema: &str, fingerprint: Arc<str>) {
-        self.mark(object, schema, fingerprint, Mark::Doubted);
+    pub fn doubt(&self, definition: &Definition) {
+        self.mark(definition, Mark::Doubted);
     }
 
-    /// A heal that waited out a reload which surely saw `object` gave up on the same error: until
-    /// its definition changes, its error passes through at once.
-    pub fn reload_did_not_cure(&self, object: &MissingObject, schema: &str, fingerprint: Arc<str>) {
-        tracing::warn!(object = ?object, schema, "a reload that saw the object did not cure its error; no more reloads for it until its definition changes");
-        self.mark(object, schema, fingerprint, Mark::Uncurable);
+    /// A heal that waited out a completed reload which surely saw the object gave up on the same
+    /// error: until its definition changes, its error passes through at once.
+    pub fn reload_did_not_cure(&self, object: &MissingObject, definition: &Definition) {
+        tracing::warn!(object = ?object, identity = %definition.identity, "a reload that saw the object did not cure its error; no more reloads for it until its definition changes");
+        self.mark(definition, Mark::Uncurable);
     }
 
-    /// A replay for `object` succeeded: whatever was doubted of it is forgotten.
-    pub fn cured(&self, object: &MissingObject, schema: &str) {
+    /// A replay for the object succeeded: whatever was doubted of it is forgotten.
+    pub fn cured(&self, definition: &Definition) {
         let mut state = self.shared.state.lock().expect("catalog lock");
         if !state.marks.is_empty() {
-            state.marks.remove(&(schema.to_string(), object.clone()));
+            state.marks.remove(&definition.identity);
         }
     }
 
-    /// Is `object`, in the definition `fingerprint`, doubted or uncurable?
-    pub fn marked(&self, object: &MissingObject, schema: &str, fingerprint: &Arc<str>) -> bool {
+    /// What the check remembers now: answers, the bytes of their keys' names, and marks.
+    pub fn remembered(&self) -> Remembered {
         let state = self.shared.state.lock().expect("catalog lock");
-        state.marks.get(&(schema.to_string(), object.clone())).is_some_and(|(marked, _)| marked == fingerprint)
+        Remembered { answers: state.known.len(), answer_bytes: state.known_bytes, marks: state.marks.len() }
     }
 
-    fn mark(&self, object: &MissingObject, schema: &str, fingerprint: Arc<str>, mark: Mark) {
+    /// Is the object, in this definition, doubted or uncurable?
+    pub fn marked(&self, definition: &Definition) -> bool {
+        let state = self.shared.state.lock().expect("catalog lock");
+        state.marks.get(&definition.identity).is_some_and(|(marked, _)| *marked == definition.fingerprint)
+    }
+
+    fn mark(&self, definition: &Definition, mark: Mark) {
         let mut state = self.shared.state.lock().expect("catalog lock");
-        let key = (schema.to_string(), object.clone());
-        if state.marks.len() >= MAX_KEYS && !state.marks.contains_key(&key) {
-            let forget = state.marks.keys().next().cloned();
-            if let Some(forget) = forget {
-                state.marks.remove(&forget);
+        let identity = definition.identity.clone();
+        if !state.marks.contains_key(&identity) {
+            while state.marks.len() >= MAX_KEYS {
+                let Some(oldest) = state.marks_order.pop_front() else { break };
+                state.marks.remove(&oldest);
             }
+            state.marks_order.push_back(identity.clone());
         }
-        let mark = match state.marks.get(&key) {
+        let mark = match state.marks.get(&identity) {
             // Uncurable stays so until the definition changes.
-            Some((same, Mark::Uncurable)) if *same == fingerprint => Mark::Uncurable,
+            Some((same, Mark::Uncurable)) if *same == definition.fingerprint => Mark::Uncurable,
             _ => mark,
         };
-        state.marks.insert(key, (fingerprint, mark));
+        state.marks.insert(identity, (definition.fingerprint.clone(), mark));
     }
+}
+
+/// Are the names `object` carries short enough to be catalog objects at all?
+fn names_fit(object: &MissingObject, schema: &str) -> bool {
+    let fits = |name: &str| name.len() <= MAX_IDENTIFIER_BYTES;
+    fits(schema)
+        && match object {
+            MissingObject::Column { table, column } => fits(table) && fits(column),
+            MissingObject::Table { schema, table } => fits(schema) && fits(table),
+            // FUNC_MAX_ARGS is 100: a call with more keys matches no function.
+            MissingObject::Function { schema, name, args, .. } => {
+                fits(schema) && fits(name) && args.len() <= 100 && args.iter().all(|a| fits(a))
+            }
+            MissingObject::Relationship { parent, child, hint } => {
+                fits(parent) && fits(child) && hint.as_deref().is_none_or(fits)
+            }
+            // MaxHeapAttributeNumber is 1600.
+            MissingObject::ColumnTypes { table, columns, column, .. } => {
+                fits(table)
+                    && columns.len() <= 1600
+                    && columns.iter().all(|c| fits(c))
+                    && column.as_deref().is_none_or(fits)
+            }
+            MissingObject::Unknown => false,
+        }
 }
 
 /// The reply for `key` from `answered`: the first asker of a batch gets the query's own word,
 /// joiners a shared one, and an object a reload did not cure in the same definition is uncurable.
-fn reply(state: &State, key: &CheckKey, answered: &Answered, first: bool) -> CatalogReply {
-    let mark = state.marks.get(key).filter(|(marked, _)| *marked == answered.fingerprint).map(|(_, mark)| *mark);
+fn reply(state: &State, answered: &Answered, first: bool) -> CatalogReply {
+    let mark = answered.definition.as_ref().and_then(|definition| {
+        state.marks.get(&definition.identity).filter(|(marked, _)| *marked == definition.fingerprint).map(|(_, m)| *m)
+    });
     let answer = match (answered.cached, mark) {
         (None, _) => CatalogAnswer::Unknown,
         (Some(true), Some(Mark::Uncurable)) => CatalogAnswer::Uncurable,
@@ -259,9 +342,9 @@ fn reply(state: &State, key: &CheckKey, answered: &Answered, first: bool) -> Cat
         (Some(false), _) if first => CatalogAnswer::Missing,
         (Some(false), _) => CatalogAnswer::SharedMissing,
     };
-    let fingerprint =
-        matches!(answer, CatalogAnswer::Exists | CatalogAnswer::Doubted).then(|| answered.fingerprint.clone());
-    CatalogReply { answer, known_since: answered.known_since, fingerprint }
+    let definition =
+        matches!(answer, CatalogAnswer::Exists | CatalogAnswer::Doubted).then(|| answered.definition.clone()).flatten();
+    CatalogReply { answer, known_since: answered.known_since, definition }
 }
 
 /// The batch worker: waits for queued objects, at most one batch per spacing, and answers every
@@ -289,44 +372,98 @@ async fn run_batches(shared: Weak<Shared>) {
         let mut state = strong.state.lock().expect("catalog lock");
         for ((key, publish), answer) in batch.into_iter().zip(answers) {
             let answered = match answer {
-                Some((cached, fingerprint)) => {
-                    let fingerprint: Arc<str> = fingerprint.into();
+                Some(Resolved { cached, definition }) => {
                     // Known since the first answer that saw this very definition: a NOTIFY after
                     // that reaches a load that sees it.
                     let known_since = match state.known.get(&key) {
                         Some(previous)
-                            if cached && previous.cached == Some(true) && previous.fingerprint == fingerprint =>
+                            if cached && previous.cached == Some(true) && previous.definition == definition =>
                         {
                             previous.known_since
                         }
                         _ => answered_at,
                     };
-                    Answered { began, cached: Some(cached), fingerprint, known_since }
+                    Answered { began, cached: Some(cached), definition, known_since }
                 }
-                None => Answered { began, cached: None, fingerprint: "".into(), known_since: answered_at },
+                None => Answered { began, cached: None, definition: None, known_since: answered_at },
             };
             if answered.cached.is_some() {
-                if state.known.len() >= MAX_KEYS && !state.known.contains_key(&key) {
-                    forget_oldest(&mut state.known);
-                }
-                state.known.insert(key, answered.clone());
+                remember(&mut state, key, answered.clone());
             }
             publish.send_replace(Some(answered));
         }
     }
 }
 
-fn forget_oldest(known: &mut HashMap<CheckKey, Answered>) {
-    let oldest = known.iter().min_by_key(|(_, answered)| answered.began).map(|(key, _)| key.clone());
-    if let Some(oldest) = oldest {
-        known.remove(&oldest);
+/// Keeps `answered` as the newest answer for `key`, forgetting the oldest answers beyond
+/// [`MAX_KEYS`] in O(1) each, whatever keys a flood brings.
+fn remember(state: &mut State, key: CheckKey, answered: Answered) {
+    let size = key_bytes(&key);
+    if let Some(previous) = state.known.remove(&key) {
+        state.known_bytes -= size;
+        drop(previous);
+    }
+    while state.known.len() >= MAX_KEYS || state.known_bytes + size > MAX_KEY_BYTES {
+        let Some((oldest, began)) = state.answered_order.pop_front() else { break };
+        if state.known.get(&oldest).is_some_and(|current| current.began == began) {
+            state.known.remove(&oldest);
+            state.known_bytes -= key_bytes(&oldest);
+        }
+    }
+    state.answered_order.push_back((key.clone(), answered.began));
+    state.known.insert(key, answered);
+    state.known_bytes += size;
+    // Entries of answers replaced since: dropped once they outnumber the live ones.
+    if state.answered_order.len() > 2 * MAX_KEYS {
+        let known = &state.known;
+        state.answered_order.retain(|(key, began)| known.get(key).is_some_and(|current| current.began == *began));
     }
 }
 
+/// The bytes of names a key holds (twice: the map's copy and the order's).
+fn key_bytes((schema, object): &CheckKey) -> usize {
+    let names: usize = match object {
+        MissingObject::Column { table, column } => table.len() + column.len(),
+        MissingObject::Table { schema, table } => schema.len() + table.len(),
+        MissingObject::Function { schema, name, args, .. } => {
+            schema.len() + name.len() + args.iter().map(|a| a.len() + 24).sum::<usize>()
+        }
+        MissingObject::Relationship { parent, child, hint } => {
+            parent.len() + child.len() + hint.as_ref().map_or(0, String::len)
+        }
+        MissingObject::ColumnTypes { table, columns, cast_to, column, current } => {
+            table.len()
+                + columns.iter().map(|c| c.len() + 24).sum::<usize>()
+                + cast_to.len()
+                + column.as_ref().map_or(0, String::len)
+                + current.as_ref().map_or(0, String::len)
+        }
+        MissingObject::Unknown => 0,
+    };
+    2 * (schema.len() + names + 128)
+}
+
+/// The size of what a [`CatalogCheck`] remembers.
+#[derive(Clone, Copy, Debug)]
+pub struct Remembered {
+    pub answers: usize,
+    pub answer_bytes: usize,
+    pub marks: usize,
+}
+
+/// Answers remembered at most, and the bytes their keys may hold: see [`MAX_KEYS`], [`MAX_KEY_BYTES`].
+pub const REMEMBERED_LIMITS: (usize, usize) = (MAX_KEYS, MAX_KEY_BYTES);
+
+/// What the catalog said of one object: would PostgREST cache it, and which object it is.
+#[derive(Clone)]
+struct Resolved {
+    cached: bool,
+    definition: Option<Definition>,
+}
+
 /// One query per kind of object for every key of the batch, run together on the guard's
-/// connection. Each answer is (would PostgREST cache it, its fingerprint), or None when the
-/// database could not answer.
-async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant) -> Vec<Option<(bool, String)>> {
+/// connection. Each answer is what the catalog resolved, or None when the database could not answer.
+async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant) -> Vec<Option<Resolved>> {
     let mut tables = KindBatch::default();
     let mut columns = KindBatch::default();
     let mut functions = KindBatch::default();
@@ -336,11 +473,17 @@ async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant)
         match object {
             MissingObject::Table { schema: named, table } => tables.push(index, [named.as_str(), table].map(Some)),
             MissingObject::Column { table, column } => columns.push(index, [schema.as_str(), table, column].map(Some)),
-            MissingObject::Function { schema: named, name, args, call } => {
+            MissingObject::Function { schema: named, name, args, call, single_argument_unnamed } => {
                 let args = serde_json::to_string(args).expect("strings serialize");
                 functions.push_owned(
                     index,
-                    vec![Some(named.clone()), Some(name.clone()), Some(args), Some(call.as_str().to_string())],
+                    vec![
+                        Some(named.clone()),
+                        Some(name.clone()),
+                        Some(args),
+                        Some(call.as_str().to_string()),
+                        Some(single_argument_unnamed.to_string()),
+                    ],
                 )
             }
             MissingObject::Relationship { parent, child, hint } => relationships
@@ -360,13 +503,13 @@ async fn query_batch(database: &Database, keys: &[&CheckKey], deadline: Instant)
         }
     }
     let (tables, columns, functions, relationships, column_types) = tokio::join!(
-        tables.run(database, TABLES_SQL, deadline),
-        columns.run(database, COLUMNS_SQL, deadline),
+        tables.run(database, &TABLES_SQL, deadline),
+        columns.run(database, &COLUMNS_SQL, deadline),
         functions.run(database, FUNCTIONS_SQL, deadline),
-        relationships.run(database, RELATIONSHIPS_SQL, deadline),
-        column_types.run(database, COLUMN_TYPES_SQL, deadline),
+        relationships.run(database, &RELATIONSHIPS_SQL, deadline),
+        column_types.run(database, &COLUMN_TYPES_SQL, deadline),
     );
-    let mut answers = vec![None; keys.len()];
+    let mut answers: Vec<Option<Resolved>> = vec![None; keys.len()];
     for kind in [tables, columns, functions, relationships, column_types] {
         for (index, answer) in kind {
             answers[index] = answer;
@@ -397,38 +540,53 @@ impl KindBatch {
         self.indexes.push(index);
     }
 
-    /// Runs `sql` (parameters: one text array per value, rows: `idx` from 1, `cached`,
-    /// `fingerprint`) and pairs each answer with its batch index.
-    async fn run(self, database: &Database, sql: &str, deadline: Instant) -> Vec<(usize, Option<(bool, String)>)> {
-        if self.indexes.is_empty() {
-            return Vec::new();
-        }
-        let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = self
-            .params
-            .iter()
-            .map(|column| (column as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY))
-            .collect();
-        let mut answers: Vec<Option<(bool, String)>> = vec![None; self.indexes.len()];
-        match database.query(deadline, sql, &params).await {
-            Ok(rows) => {
-                for row in rows {
-                    let (Ok(idx), Ok(cached), Ok(fingerprint)) = (
-                        row.try_get::<_, i64>("idx"),
-                        row.try_get::<_, bool>("cached"),
-                        row.try_get::<_, Option<String>>("fingerprint"),
-                    ) else {
-                        continue;
-                    };
-                    if let Some(slot) = usize::try_from(idx - 1).ok().and_then(|i| answers.get_mut(i)) {
-                        *slot = Some((cached, fingerprint.unwrap_or_default()));
+    /// Runs `sql` (parameters: one text array per value, rows: `idx` from 1, `cached`, `identity`,
+    /// `fingerprint`) and pairs each answer with its batch index. A large batch (a flood of distinct
+    /// keys) goes in chunks of [`CHUNK_KEYS`], one after another: each query stays short, so none
+    /// outlasts the connection's operation timeout and costs the connection every heal needs.
+    async fn run(self, database: &Database, sql: &str, deadline: Instant) -> Vec<(usize, Option<Resolved>)> {
+        let mut answers: Vec<Option<Resolved>> = vec![None; self.indexes.len()];
+        for start in (0..self.indexes.len()).step_by(CHUNK_KEYS) {
+            let end = (start + CHUNK_KEYS).min(self.indexes.len());
+            let chunk: Vec<Vec<Option<String>>> =
+                self.params.iter().map(|column| column[start..end].to_vec()).collect();
+            let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = chunk
+                .iter()
+                .map(|column| (column as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT_ARRAY))
+                .collect();
+            let rows = match database.query(deadline, sql, &params).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog check failed");
+                    break;
+                }
+            };
+            for row in rows {
+                let (Ok(idx), Ok(cached), Ok(identity), Ok(fingerprint)) = (
+                    row.try_get::<_, i64>("idx"),
+                    row.try_get::<_, bool>("cached"),
+                    row.try_get::<_, Option<String>>("identity"),
+                    row.try_get::<_, Option<String>>("fingerprint"),
+                ) else {
+                    continue;
+                };
+                let definition = match (identity, fingerprint) {
+                    (Some(identity), Some(fingerprint)) => {
+                        Some(Definition { identity: identity.into(), fingerprint: fingerprint.into() })
                     }
+                    _ => None,
+                };
+                if let Some(slot) = usize::try_from(idx - 1).ok().and_then(|i| answers.get_mut(start + i)) {
+                    *slot = Some(Resolved { cached, definition });
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "catalog check failed"),
         }
         self.indexes.into_iter().zip(answers).collect()
     }
 }
+
+/// Keys of one kind in one query at most.
+const CHUNK_KEYS: usize = 500;
 
 impl CallShape {
     /// How the SQL names it.

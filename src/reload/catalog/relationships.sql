@@ -16,9 +16,10 @@
 --   either side is resolved through every relation its definition depends on, a superset of
 --   PostgREST's tracing: what this lets through, the guard learns from (see mod.rs).
 --
--- One row per key: $1 schemas, $2 origins, $3 targets, $4 hints (NULL: none). The fingerprint is the
--- catalog rows that define the candidates: both relations (and view rules), every key touching the
--- origin and the keys of every table holding one, and the functions named like the target.
+-- One row per key: $1 schemas, $2 origins, $3 targets, $4 hints (NULL: none). The identity is the
+-- origin relation and the target it resolved to, never the hint (a reload that saw every candidate
+-- in its current definition cannot be cured by another, whatever the hint); the fingerprint is the
+-- content of what defines the candidates (`defining` below), never row versions.
 WITH RECURSIVE
 k AS (
   SELECT k.idx, k.schema, k.origin, k.target, k.hint, n.oid AS nsp
@@ -26,7 +27,7 @@ k AS (
     LEFT JOIN pg_namespace n ON n.nspname = k.schema
 ),
 named AS (
-  SELECT k.idx, c.oid, c.relname, c.relkind, c.reltype, c.xmin, c.relname = k.origin AS is_origin
+  SELECT k.idx, c.oid, c.relname, c.relkind, c.reltype, c.relname = k.origin AS is_origin
     FROM k JOIN pg_class c ON c.relnamespace = k.nsp AND c.relname IN (k.origin, k.target)
    WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition
 ),
@@ -34,7 +35,7 @@ origin AS (SELECT * FROM named WHERE is_origin),
 -- Every key of the database touching an origin: its single columns on each side, and whether it is
 -- one-to-one (its columns are exactly a primary key or unique constraint of its table).
 fk AS (
-  SELECT o.idx, o.oid AS origin_oid, con.oid, con.xmin, con.conname, con.conrelid, con.confrelid, con.conkey,
+  SELECT o.idx, o.oid AS origin_oid, con.oid, con.conname, con.conrelid, con.confrelid, con.conkey,
          CASE WHEN cardinality(con.conkey) = 1 THEN
            (SELECT attname::text FROM pg_attribute WHERE attrelid = con.conrelid AND attnum = con.conkey[1]) END AS col,
          CASE WHEN cardinality(con.confkey) = 1 THEN
@@ -95,11 +96,18 @@ bases(idx, named_oid, base_oid, is_origin) AS (
 through_views AS (
   SELECT bo.idx, true AS matches
     FROM bases bo
+    JOIN k ON k.idx = bo.idx
     JOIN bases bt ON bt.idx = bo.idx AND NOT bt.is_origin
     JOIN named n ON n.idx = bo.idx AND n.oid IN (bo.named_oid, bt.named_oid) AND n.relkind IN ('v', 'm')
    WHERE bo.is_origin
      AND EXISTS (SELECT 1 FROM pg_constraint c
                   WHERE c.contype = 'f'
+                    -- A hint names the key, a column of either side, or the junction.
+                    AND (k.hint IS NULL OR k.hint = c.conname
+                         OR EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid IN (bo.named_oid, bt.named_oid, c.conrelid)
+                                       AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = k.hint)
+                         OR EXISTS (SELECT 1 FROM pg_class j WHERE j.oid = c.conrelid AND j.relname = k.hint))
                     AND ((c.conrelid = bo.base_oid AND c.confrelid = bt.base_oid)
                       OR (c.conrelid = bt.base_oid AND c.confrelid = bo.base_oid)
                       OR (EXISTS (SELECT 1 FROM pg_constraint c2 WHERE c2.contype = 'f' AND c2.conrelid = c.conrelid
@@ -111,14 +119,20 @@ matched AS (
   UNION ALL SELECT idx, matches FROM computed
   UNION ALL SELECT idx, matches FROM through_views
 ),
+-- What PostgREST caches of the candidates, as content: the named relations, the views' definitions,
+-- every key touching them, and the functions named like the target.
 defining AS (
-  SELECT idx, oid::text || ':' || xmin::text AS row FROM named
-  UNION SELECT n.idx, 'r' || r.oid::text || ':' || r.xmin::text FROM named n JOIN pg_rewrite r ON r.ev_class = n.oid
-  UNION SELECT fk.idx, 'k' || c.oid::text || ':' || c.xmin::text
+  SELECT n.idx, 'r' || {relation_fingerprint(c)} AS row
+    FROM named n JOIN pg_class c ON c.oid = n.oid
+  UNION SELECT n.idx, 'v' || pg_get_viewdef(n.oid) FROM named n WHERE n.relkind IN ('v', 'm')
+  UNION SELECT fk.idx, 'k' || concat_ws(':', c.contype::text, c.conname::text, c.conrelid::regclass::text,
+                                         c.confrelid::regclass::text, c.conkey::text, c.confkey::text)
           FROM fk JOIN pg_constraint c ON c.conrelid IN (fk.conrelid, fk.confrelid)
-  UNION SELECT k.idx, 'f' || p.oid::text || ':' || p.xmin::text FROM k JOIN pg_proc p ON p.pronamespace = k.nsp AND p.proname = k.target
+  UNION SELECT k.idx, 'f' || concat_ws(':', pg_get_function_arguments(p.oid), pg_get_function_result(p.oid))
+          FROM k JOIN pg_proc p ON p.pronamespace = k.nsp AND p.proname = k.target
 )
 SELECT k.idx,
        coalesce((SELECT bool_or(m.matches) FROM matched m WHERE m.idx = k.idx), false) AS cached,
+       (SELECT 'rel:' || o.oid::text || ':' || quote_ident(k.target) FROM origin o WHERE o.idx = k.idx) AS identity,
        (SELECT md5(string_agg(d.row, ',' ORDER BY d.row)) FROM defining d WHERE d.idx = k.idx) AS fingerprint
   FROM k

@@ -4,14 +4,14 @@
 -- partition, never pg_catalog or information_schema, and the schema one of db-schemas (the request's
 -- own profile, which PostgREST has already checked). No privilege filter.
 --
--- One row per key: $1 schemas, $2 names (decoded, compared exactly). The fingerprint is every
--- catalog row that defines the name, so it changes with any DDL on it (a partition detached, a
--- view replaced, a table created).
+-- One row per key: $1 schemas, $2 names (decoded, compared exactly). The identity is the relation's
+-- oid (pg_class is unique by schema and name, so one row at most); the fingerprint what PostgREST
+-- caches of it (relation_fingerprint.sql).
 SELECT k.idx,
-       coalesce(bool_or(c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition), false)
+       coalesce(c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition, false)
          AND k.schema NOT IN ('pg_catalog', 'information_schema') AS cached,
-       string_agg(c.oid::text || ':' || c.xmin::text, ',' ORDER BY c.oid) AS fingerprint
+       'rel:' || c.oid::text AS identity,
+       {relation_fingerprint(c)} AS fingerprint
   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(schema, name, idx)
   LEFT JOIN pg_namespace n ON n.nspname = k.schema
   LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = k.name
- GROUP BY k.idx, k.schema

@@ -12,6 +12,7 @@ pub mod pki;
 #[macro_use]
 pub mod postgrest;
 pub mod relay;
+pub mod replica;
 pub mod stale_upstream;
 
 use std::time::Duration;

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 pub struct TestCluster {
-    dir: PathBuf,
-    port: u16,
-    bindir: PathBuf,
-    as_postgres_user: bool,
+    pub(super) dir: PathBuf,
+    pub(super) port: u16,
+    pub(super) bindir: PathBuf,
+    pub(super) as_postgres_user: bool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -109,15 +109,15 @@ impl TestCluster {
         }
     }
 
-    fn data_dir(&self) -> PathBuf {
+    pub(super) fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
 
-    fn command(&self, tool: &str, args: &[&str]) -> Output {
+    pub(super) fn command(&self, tool: &str, args: &[&str]) -> Output {
         self.handle().command(tool, args)
     }
 
-    fn start_server_blocking(&self) {
+    pub(super) fn start_server_blocking(&self) {
         self.handle().start_server_blocking()
     }
 }
@@ -210,7 +210,7 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind free port").local_addr().unwrap().port()
 }
 
-fn run_checked(cmd: &mut Command) {
+pub(super) fn run_checked(cmd: &mut Command) {
     let out = cmd.output().expect("run command");
     assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
 }
