@@ -2,7 +2,9 @@
 //! load time, over many heals, with the double's load time at 0 and at 200 ms, with and without
 //! the admin URL. Part of `bench/run.sh`; runs alone with `cargo run --release --example bench_heal`.
 
-#[path = "../tests/support/mod.rs"]
+// Each example uses only a part of the test support.
+#[allow(dead_code, unused_macros)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

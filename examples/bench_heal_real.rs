@@ -8,7 +8,9 @@
 //! `cargo run --release --example bench_heal_real -- [TABLES] [HEALS]`
 //! (defaults 2000 and 30); needs the test bed's PostgREST binaries (see README, Tests).
 
-#[path = "../tests/support/mod.rs"]
+// Each example uses only a part of the test support.
+#[allow(dead_code, unused_macros)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

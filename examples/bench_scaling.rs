@@ -10,7 +10,9 @@
 //! `bash bench/scaling.sh` builds it and the guard and writes `bench/scaling-latest.md`; alone:
 //! `PGRST_GUARD_BIN=target/release/pgrst-guard cargo run --release --example bench_scaling`.
 
-#[path = "../tests/support/mod.rs"]
+// Each example uses only a part of the test support.
+#[allow(dead_code, unused_macros)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

@@ -1,7 +1,9 @@
 //! The PostgREST double as a process, for benchmarks and for comparisons with the real PostgREST:
 //! `cargo run --example postgrest_double -- --db-uri URI --port N --admin-port M --profile v14`.
 
-#[path = "../tests/support/mod.rs"]
+// Each example uses only a part of the test support.
+#[allow(dead_code, unused_macros)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-// supabase-js pointed at pgrst-guard in Supabase gateway mode. Started by tests/gateway.rs with
+// supabase-js pointed at pgrst-guard in Supabase gateway mode. Started by tests/it/gateway.rs with
 // GUARD_URL, ORIGIN_PORT and ANON_KEY; it runs the stand-in Supabase origin for the non-REST paths
 // (auth, storage, functions, and a WebSocket echo on the realtime path) and exits 0 when every
 // check passed.
