@@ -24,6 +24,7 @@ mod resources;
 mod safety;
 mod sandbox;
 mod sharing;
+mod silent_writes;
 mod standby;
 mod supabase_stack;
 mod tls;

@@ -3,12 +3,11 @@
 //! stores a *different* value with 201: shown first straight to PostgREST, then through the guard,
 //! where each write must be stored exactly as PostgreSQL stores the same value.
 
-mod support;
-
 use http::Method;
-use support::guard::{start_guard, NotifyCounter};
-use support::postgrest::Family;
-use support::RealBed;
+
+use crate::support::guard::{start_guard, NotifyCounter};
+use crate::support::postgrest::Family;
+use crate::support::RealBed;
 
 const SCHEMA: &str = "
     ALTER DATABASE postgres SET timezone TO 'UTC';
@@ -66,7 +65,7 @@ async fn stored_by_postgres(bed: &RealBed, insert: &str) -> Vec<String> {
     stored(bed, "by-postgres").await
 }
 
-async fn post(bed: &RealBed, base: &str, path: &str, body: &str, prefer: &str) -> support::client::TestResponse {
+async fn post(bed: &RealBed, base: &str, path: &str, body: &str, prefer: &str) -> crate::support::client::TestResponse {
     bed.http
         .send(
             Method::POST,
