@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 
 use crate::body::{full, GuardBody, RequestBody};
 use crate::config::UpstreamUrl;
+use crate::health::Listening;
 use crate::metrics::Metrics;
-use crate::reload::database::Listening;
 use crate::reload::Database;
 
 #[derive(Clone)]

@@ -69,15 +69,10 @@ impl http_body::Body for GuardBody {
 
 /// A client's request body, cut off past `PGRST_GUARD_MAX_BODY_BYTES` by http-body-util's
 /// [`Limited`](http_body_util::Limited) (what tower-http's body limit uses); the guard's own 413
-/// answer, PostgREST-shaped with CORS, is made where the error surfaces ([`is_over_limit`]).
+/// answer, PostgREST-shaped with CORS, is made where the error surfaces (`error::is_over_limit`).
 pub type RequestBody = http_body_util::Limited<hyper::body::Incoming>;
 
 /// The client's body with `limit` bytes at most (None: no limit).
 pub fn request_body(body: hyper::body::Incoming, limit: Option<u64>) -> RequestBody {
     http_body_util::Limited::new(body, limit.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX)))
-}
-
-/// Was `error` caused by a request body over its limit?
-pub fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    crate::error::causes(error).any(|cause| cause.is::<http_body_util::LengthLimitError>())
 }

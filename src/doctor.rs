@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::config::{Config, UpstreamUrl};
-use crate::reload::database::CannotNotify;
+use crate::health::CannotNotify;
 use crate::reload::LoadCounter;
 use crate::tls;
 

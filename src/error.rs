@@ -204,3 +204,8 @@ pub fn causes<'a>(
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(error), |e| e.source())
 }
+
+/// Was `error` caused by a request body over its limit (`crate::body::request_body`)?
+pub fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    causes(error).any(|cause| cause.is::<http_body_util::LengthLimitError>())
+}

@@ -24,9 +24,11 @@ pub mod error;
 pub mod forwarded;
 pub mod gateway;
 pub mod heal;
+pub mod health;
 pub mod metrics;
 pub mod reload;
 pub mod sandbox;
+pub mod schema_object;
 pub mod server;
 pub mod tls;
 pub mod upstream;
@@ -173,6 +175,8 @@ impl RunningGuard {
             WriteBarrier::start(
                 database.clone(),
                 load_counters.clone(),
+                config.upstream.clone(),
+                https.clone(),
                 config.db_schemas.clone(),
                 config.admin_poll,
                 config.heal_deadline,
@@ -244,15 +248,11 @@ impl RunningGuard {
             )));
         }
         if let Some(barrier) = &barrier {
-            if barrier.can_prove() {
-                // The first proof (two loads after a schema snapshot) before the guard says it
-                // listens: writes wait for it anyway, and its NOTIFYs belong to the start.
-                let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
-                if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
-                    tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one");
-                }
-            } else {
-                tracing::warn!("write barrier: without PGRST_GUARD_UPSTREAM_ADMIN the guard cannot prove that PostgREST's cache holds current types and defaults; writes are forwarded unverified (pgrst_guard_write_barrier_total{{result=\"unverified\"}})");
+            // The first proof before the guard says it listens: writes wait for it anyway, and its
+            // NOTIFYs (and marker view) belong to the start.
+            let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
+            if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
+                tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one, or go on unverified where none can be had");
             }
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.iter().map(ToString::to_string).collect::<Vec<_>>(), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");

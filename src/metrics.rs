@@ -8,7 +8,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::reload::database::{CannotNotify, DatabaseHealth, Listening};
+use crate::health::{CannotNotify, DatabaseHealth, Listening};
 
 /// Reload NOTIFYs the guard's database connection sent, and saw from others.
 #[derive(Clone, Copy, Debug, Default)]
@@ -43,6 +43,7 @@ pub struct Metrics {
     heal_wait: Histogram,
     write_barrier: IntCounterVec,
     write_barrier_reloads: IntCounter,
+    write_barrier_queries: IntCounter,
     write_hold: Histogram,
     request_duration: Histogram,
     upstream_latency: Histogram,
@@ -154,6 +155,10 @@ impl Default for Metrics {
                 "pgrst_guard_write_barrier_reloads_total",
                 "Proofs the write barrier ran: a schema snapshot, then reloads until two loads follow it.",
             ),
+            write_barrier_queries: counter(
+                "pgrst_guard_write_barrier_queries_total",
+                "Catalog queries the write barrier sent: one per batch of writes that arrived while the previous ran.",
+            ),
             write_hold: histogram(
                 "pgrst_guard_write_hold_seconds",
                 "Time a write waited for the write barrier's proof.",
@@ -206,6 +211,10 @@ impl Metrics {
         self.write_barrier_reloads.inc();
     }
 
+    pub fn write_barrier_query(&self) {
+        self.write_barrier_queries.inc();
+    }
+
     pub fn observe_write_hold(&self, took: Duration) {
         self.write_hold.observe(took.as_secs_f64());
     }
@@ -248,7 +257,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reload::database::ReconnectCause;
+    use crate::health::ReconnectCause;
 
     #[test]
     fn renders_the_names_the_guard_has_always_exposed() {

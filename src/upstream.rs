@@ -166,7 +166,7 @@ where
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, GuardBody::Upstream(body))
             }
-            Ok(Err(e)) if crate::body::is_over_limit(&e) => GuardError::new(
+            Ok(Err(e)) if crate::error::is_over_limit(&e) => GuardError::new(
                 GuardErrorKind::BodyTooLarge,
                 "The request body grew past PGRST_GUARD_MAX_BODY_BYTES while it streamed.",
             )

@@ -195,7 +195,9 @@ impl<S> HealService<S> {
         if let Some(barrier) = &self.barrier {
             if let Some(target) = template.write_target(&self.policy.default_schema) {
                 let deadline = Instant::now() + self.policy.deadline;
-                if barrier.clear(&target, template.asks_missing_default(), deadline).await == Clearance::TimedOut {
+                let clearance =
+                    barrier.clear(&target, template.asks_missing_default(), &template.headers, deadline).await;
+                if clearance == Clearance::TimedOut {
                     return crate::error::GuardError::new(
                         crate::error::GuardErrorKind::SchemaReloading,
                         format!(

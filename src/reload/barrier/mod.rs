@@ -41,8 +41,10 @@
 //! turned into any other, which PostgreSQL refuses at planning with 42804). A changed default
 //! matters only to `Prefer: missing=default`.
 //!
-//! Without load counters (no admin URL) the guard has no proof of a load after a moment, and says
-//! so: writes go on as before, counted `unverified` in `pgrst_guard_write_barrier_total`.
+//! Without a load counter (no admin URL, as on Supabase's cloud; PostgREST before 12.2) the proof is
+//! a marker view PostgREST must show in its cache ([`marker`]): created after S began, seen through
+//! `OPTIONS`, which PostgREST answers from its cache alone. Where neither can be had (no CREATE on
+//! the schema, no database), writes go on as before, counted `unverified`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,9 +54,15 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
+mod marker;
+
+use http::HeaderMap;
+
 use super::database::Database;
-use super::load_counter::LoadCounter;
+use super::load_counter::{LoadCounter, ProbeError};
+use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
+use marker::{Marker, MarkerFailure};
 
 /// The definitions of relations and functions (definitions.sql).
 const DEFINITIONS_SQL: &str = include_str!("definitions.sql");
@@ -141,6 +149,10 @@ struct Batch {
 pub struct WriteBarrier {
     database: Arc<Database>,
     counters: Vec<LoadCounter>,
+    /// The proof where no load counter can be read.
+    marker: Marker,
+    /// A waiting write's `apikey` and `Authorization`, lent to the marker's OPTIONS.
+    credentials: Mutex<HeaderMap>,
     schemas: Vec<String>,
     poll: Duration,
     /// How long one proof may take.
@@ -159,17 +171,23 @@ pub struct WriteBarrier {
 impl WriteBarrier {
     /// Starts the barrier's tasks (batched queries and proofs) on the current runtime, and its first
     /// proof at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         database: Arc<Database>,
         counters: Vec<LoadCounter>,
+        upstream: UpstreamUrl,
+        tls: rustls::ClientConfig,
         schemas: Vec<String>,
         poll: Duration,
         proof_deadline: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<WriteBarrier> {
+        let marker = Marker::new(upstream, tls, schemas[0].clone());
         let barrier = Arc::new(WriteBarrier {
             database,
             counters,
+            marker,
+            credentials: Mutex::new(HeaderMap::new()),
             schemas,
             poll,
             proof_deadline,
@@ -180,17 +198,10 @@ impl WriteBarrier {
             proof_wanted: watch::channel(None).0,
             waiters: std::sync::atomic::AtomicUsize::new(0),
         });
-        if barrier.can_prove() {
-            tokio::spawn(run_batches(Arc::downgrade(&barrier)));
-            tokio::spawn(run_proofs(Arc::downgrade(&barrier)));
-            barrier.proof_wanted.send_replace(Some(Instant::now()));
-        }
+        tokio::spawn(run_batches(Arc::downgrade(&barrier)));
+        tokio::spawn(run_proofs(Arc::downgrade(&barrier)));
+        barrier.proof_wanted.send_replace(Some(Instant::now()));
         barrier
-    }
-
-    /// With load counters the guard can prove a load after a moment.
-    pub fn can_prove(&self) -> bool {
-        !self.counters.is_empty()
     }
 
     /// Waits (until `deadline`) for the first proof; true once there is one.
@@ -203,14 +214,27 @@ impl WriteBarrier {
 
     /// Decides whether `target` may be written now (`missing_default`: the write asks PostgREST to
     /// fill omitted columns with cached defaults), waiting for a proof until `deadline` if needed.
-    pub async fn clear(&self, target: &WriteTarget, missing_default: bool, deadline: Instant) -> Clearance {
-        let clearance = self.decide(target, missing_default, deadline).await;
+    /// `headers` are the write's own: its `apikey` and `Authorization` may be lent to a marker probe.
+    pub async fn clear(
+        &self,
+        target: &WriteTarget,
+        missing_default: bool,
+        headers: &HeaderMap,
+        deadline: Instant,
+    ) -> Clearance {
+        let clearance = self.decide(target, missing_default, headers, deadline).await;
         self.metrics.write_barrier(clearance.as_str());
         clearance
     }
 
-    async fn decide(&self, target: &WriteTarget, missing_default: bool, deadline: Instant) -> Clearance {
-        if !self.can_prove() || self.proof.borrow().unprovable_at.is_some_and(|at| at.elapsed() < UNPROVABLE_PAUSE) {
+    async fn decide(
+        &self,
+        target: &WriteTarget,
+        missing_default: bool,
+        headers: &HeaderMap,
+        deadline: Instant,
+    ) -> Clearance {
+        if self.proof.borrow().unprovable_at.is_some_and(|at| at.elapsed() < UNPROVABLE_PAUSE) {
             return Clearance::Unverified;
         }
         if target.name.len() > MAX_IDENTIFIER_BYTES || target.schema.len() > MAX_IDENTIFIER_BYTES {
@@ -239,6 +263,15 @@ impl WriteBarrier {
             return Clearance::Current;
         }
         let held = Instant::now();
+        {
+            let mut credentials = self.credentials.lock().expect("barrier lock");
+            credentials.clear();
+            for name in ["apikey", "authorization"] {
+                if let Some(value) = headers.get(name) {
+                    credentials.insert(name, value.clone());
+                }
+            }
+        }
         self.proof_wanted.send_if_modified(|wanted| {
             if wanted.is_none_or(|at| at < asked) {
                 *wanted = Some(asked);
@@ -315,13 +348,20 @@ impl WriteBarrier {
         Ok(definitions)
     }
 
-    /// One proof: snapshot S, then two loads of every instance after it.
+    /// One proof: snapshot S, then two loads of every instance after it (load counters), or a
+    /// marker created after S seen in PostgREST's cache.
     async fn prove(&self) -> Result<(), ProofFailure> {
         // Whether a load can be counted at all, before the snapshot's cost.
+        let mut counted = !self.counters.is_empty();
         for counter in &self.counters {
-            if let Err(e) = counter.successful_loads().await {
-                tracing::warn!(error = %e, "write barrier: a load counter could not be read; writes go on unverified");
-                return Err(ProofFailure::Unprovable);
+            match counter.successful_loads().await {
+                Ok(_) => {}
+                // PostgREST before 12.2: no counter, the marker instead.
+                Err(ProbeError::NoMetric) => counted = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "write barrier: a load counter could not be read; writes go on unverified");
+                    return Err(ProofFailure::Unprovable);
+                }
             }
         }
         let began = Instant::now();
@@ -333,6 +373,30 @@ impl WriteBarrier {
                 return Err(ProofFailure::Unprovable);
             }
         };
+        self.metrics.write_barrier_reload();
+        if counted {
+            self.prove_by_counters(deadline).await?;
+        } else {
+            let credentials = self.credentials.lock().expect("barrier lock").clone();
+            match self.marker.prove(&self.database, &credentials, deadline).await {
+                Ok(()) => {}
+                Err(MarkerFailure::Unusable(reason)) => {
+                    tracing::warn!(%reason, "write barrier: no proof without a load counter (the marker view); writes go on unverified");
+                    return Err(ProofFailure::Unprovable);
+                }
+                Err(MarkerFailure::Slow) => return Err(ProofFailure::Slow),
+            }
+        }
+        tracing::debug!(took_ms = began.elapsed().as_millis() as u64, "write barrier: schema proved");
+        self.proof.send_modify(|proof| {
+            proof.snapshot = Some(Arc::new(snapshot));
+            proof.began = Some(began);
+        });
+        Ok(())
+    }
+
+    /// Two loads of every instance after a baseline read now (after the snapshot began).
+    async fn prove_by_counters(&self, deadline: Instant) -> Result<(), ProofFailure> {
         let mut instances = Vec::new();
         for counter in &self.counters {
             match counter.successful_loads().await {
@@ -343,7 +407,6 @@ impl WriteBarrier {
                 }
             }
         }
-        self.metrics.write_barrier_reload();
         if let Err(e) = self.database.notify_reload(deadline).await {
             tracing::warn!(error = %e, "write barrier: the reload NOTIFY failed; writes go on unverified");
             return Err(ProofFailure::Unprovable);
@@ -361,7 +424,7 @@ impl WriteBarrier {
                 }
             }
             if instances.iter().all(Loads::proved) {
-                break;
+                return Ok(());
             }
             // Idle, PostgREST loads once per NOTIFY: the second load needs a second NOTIFY.
             if !nudged && instances.iter().all(Loads::rose) {
@@ -372,12 +435,6 @@ impl WriteBarrier {
                 }
             }
         }
-        tracing::debug!(took_ms = began.elapsed().as_millis() as u64, "write barrier: schema proved");
-        self.proof.send_modify(|proof| {
-            proof.snapshot = Some(Arc::new(snapshot));
-            proof.began = Some(began);
-        });
-        Ok(())
     }
 }
 
@@ -463,6 +520,7 @@ async fn run_batches(barrier: std::sync::Weak<WriteBarrier>) {
             let _ = tokio::time::timeout(Duration::from_secs(1), strong.wake_batches.notified()).await;
             continue;
         };
+        strong.metrics.write_barrier_query();
         let answer = strong.read(Some(&batch.targets), Instant::now() + strong.proof_deadline).await.map(Arc::new);
         batch.answer.send_replace(Some(answer));
     }

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
 use super::database::Database;
-use crate::heal::classify::{CallShape, MissingObject};
+use crate::schema_object::MissingObject;
 
 /// PostgREST's cache of tables and views: `src/PostgREST/SchemaCache.hs` (`tablesSqlQuery`).
 static TABLES_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("tables.sql")));
@@ -587,16 +587,3 @@ impl KindBatch {
 
 /// Keys of one kind in one query at most.
 const CHUNK_KEYS: usize = 500;
-
-impl CallShape {
-    /// How the SQL names it.
-    fn as_str(self) -> &'static str {
-        match self {
-            CallShape::Get => "get",
-            CallShape::Json => "json",
-            CallShape::Text => "text",
-            CallShape::Xml => "xml",
-            CallShape::Bytea => "bytea",
-        }
-    }
-}
