@@ -180,6 +180,7 @@ impl RunningGuard {
                 config.db_schemas.clone(),
                 config.admin_poll,
                 config.heal_deadline,
+                config.db_timeout,
                 metrics.clone(),
             )
         });
@@ -219,6 +220,16 @@ impl RunningGuard {
         // After the address is ours: a guard that cannot listen says only that.
         server::raise_open_files_limit(config.max_connections);
         let addr = first.local_addr()?;
+        if let Some(barrier) = &barrier {
+            // The first proof once the address is ours and before the guard serves anything (its health
+            // endpoint included): writes would wait for it anyway, and its NOTIFYs (and marker view)
+            // belong to the start.
+            let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
+            if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
+                tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one, or go on unverified where none can be had");
+            }
+        }
+
         let mut first = Some(first.into_std()?);
         let mut workers = Vec::new();
         for index in 0..config.workers {
@@ -246,14 +257,6 @@ impl RunningGuard {
                 shutdown_rx,
                 ServerLimits::admin(),
             )));
-        }
-        if let Some(barrier) = &barrier {
-            // The first proof before the guard says it listens: writes wait for it anyway, and its
-            // NOTIFYs (and marker view) belong to the start.
-            let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
-            if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
-                tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one, or go on unverified where none can be had");
-            }
         }
         tracing::info!(%addr, upstream = %config.upstream, admin = ?admin_addr, admin_upstream = ?config.upstream_admin.iter().map(ToString::to_string).collect::<Vec<_>>(), db = %config.db_uri.redacted(), channel = %config.db_channel, "pgrst-guard listening");
         Ok(RunningGuard { addr, admin_addr, metrics, database, shutdown, tasks, workers })

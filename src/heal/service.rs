@@ -192,9 +192,10 @@ impl<S> HealService<S> {
             headers: parts.headers.clone(),
             client: parts.extensions.get::<ClientAddr>().cloned(),
         };
+        let arrived = Instant::now();
         if let Some(barrier) = &self.barrier {
             if let Some(target) = template.write_target(&self.policy.default_schema) {
-                let deadline = Instant::now() + self.policy.deadline;
+                let deadline = arrived + self.policy.deadline;
                 let clearance =
                     barrier.clear(&target, template.asks_missing_default(), &template.headers, deadline).await;
                 if clearance == Clearance::TimedOut {
@@ -220,7 +221,9 @@ impl<S> HealService<S> {
         }
         // The heal's one budget starts with the first answer: reading its error body is already
         // bounded by its deadline.
-        let budget = Budget::new(Instant::now(), self.policy.deadline);
+        // A write's wait at the barrier counts against the same deadline.
+        let barrier_wait = sent_at.saturating_duration_since(arrived);
+        let budget = Budget::new(Instant::now() - barrier_wait, self.policy.deadline);
         let replay_body = recording.replayable();
         let facts = template.facts(replay_body.as_deref());
         let (response, verdict) = Box::pin(classify::inspect(first, &facts, budget.deadline())).await;

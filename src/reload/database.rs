@@ -217,18 +217,21 @@ impl Database {
     }
 
     /// Is there a connection whose last round trip (within one check interval and timeout) worked?
+    /// What [`Database::health`] calls `connected`, without copying the rest: cheap enough for
+    /// every write the barrier checks.
     pub fn is_connected(&self) -> bool {
-        self.health().connected
-    }
-
-    pub fn health(&self) -> DatabaseHealth {
         let live = self.current().is_some();
         let health = self.health.lock().expect("health lock");
         let fresh = self.settings.check_interval + self.settings.op_timeout * 2;
+        live && health.notifying == Notifying::Proved
+            && health.last_verified.is_some_and(|(at, _)| at.elapsed() <= fresh)
+    }
+
+    pub fn health(&self) -> DatabaseHealth {
+        let connected = self.is_connected();
+        let health = self.health.lock().expect("health lock");
         DatabaseHealth {
-            connected: live
-                && health.notifying == Notifying::Proved
-                && health.last_verified.is_some_and(|(at, _)| at.elapsed() <= fresh),
+            connected,
             cannot_notify: match &health.notifying {
                 Notifying::Refused(why) => Some(why.clone()),
                 _ => None,
@@ -304,13 +307,25 @@ impl Database {
     /// A standby's refusal discards its connection, and the NOTIFY is sent once more on the next one
     /// while the deadline allows: after a failover that one may reach the new primary.
     pub async fn notify_reload(&self, deadline: Instant) -> Result<(), DbError> {
+        self.send_reload(deadline, true).await
+    }
+
+    /// A reload NOTIFY the write barrier's proof sends: not counted among the heals' NOTIFYs
+    /// (`pgrst_guard_notifies_sent_total`); the barrier counts its proofs itself.
+    pub async fn notify_reload_for_proof(&self, deadline: Instant) -> Result<(), DbError> {
+        self.send_reload(deadline, false).await
+    }
+
+    async fn send_reload(&self, deadline: Instant, counted: bool) -> Result<(), DbError> {
         let channel = self.settings.channel.as_str();
         let mut may_retry = true;
         loop {
             match self.run(deadline, "SELECT pg_notify($1, 'reload schema')", &[(&channel, Type::TEXT)]).await {
                 Ok(_) => {
                     self.set_notifying(Notifying::Proved);
-                    self.sent.fetch_add(1, Ordering::AcqRel);
+                    if counted {
+                        self.sent.fetch_add(1, Ordering::AcqRel);
+                    }
                     return Ok(());
                 }
                 Err(Failure::Refused(session, e)) => {

@@ -81,7 +81,7 @@ impl Marker {
         );
         database.query(deadline, &create, &[]).await.map_err(|e| MarkerFailure::Unusable(e.to_string()))?;
         *self.current.lock().expect("marker lock") = Some(name.clone());
-        database.notify_reload(deadline).await.map_err(|e| MarkerFailure::Unusable(e.to_string()))?;
+        database.notify_reload_for_proof(deadline).await.map_err(|e| MarkerFailure::Unusable(e.to_string()))?;
         let uri: Uri =
             format!("{}://{}{}/{}", self.upstream.scheme, self.upstream.authority, self.upstream.path_prefix, name)
                 .parse()

@@ -126,6 +126,8 @@ struct Proof {
     snapshot: Option<Arc<Definitions>>,
     began: Option<Instant>,
     unprovable_at: Option<Instant>,
+    /// When a proof attempt last failed, for whatever reason.
+    failed_at: Option<Instant>,
 }
 
 /// Why a proof attempt ended without one.
@@ -140,6 +142,10 @@ enum ProofFailure {
 /// After a proof attempt found nothing can prove a load, writes go on unverified for this long
 /// before another attempt.
 const UNPROVABLE_PAUSE: Duration = Duration::from_secs(10);
+/// While nothing is proved yet (the guard just started, or PostgREST never showed a load), a write
+/// waits at most this for a proof before it goes on unverified: the cache is not *known* to be
+/// stale, and PostgREST may not take NOTIFYs at all.
+const UNKNOWN_WAIT: Duration = Duration::from_secs(3);
 
 struct Batch {
     targets: HashSet<WriteTarget>,
@@ -157,6 +163,8 @@ pub struct WriteBarrier {
     poll: Duration,
     /// How long one proof may take.
     proof_deadline: Duration,
+    /// How long a query of current definitions may take before the write goes on unverified.
+    query_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Targets waiting for the next query of current definitions.
     next: Mutex<Option<Batch>>,
@@ -180,6 +188,7 @@ impl WriteBarrier {
         schemas: Vec<String>,
         poll: Duration,
         proof_deadline: Duration,
+        query_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<WriteBarrier> {
         let marker = Marker::new(upstream, tls, schemas[0].clone());
@@ -191,6 +200,7 @@ impl WriteBarrier {
             schemas,
             poll,
             proof_deadline,
+            query_timeout,
             metrics,
             next: Mutex::new(None),
             wake_batches: Notify::new(),
@@ -234,14 +244,18 @@ impl WriteBarrier {
         headers: &HeaderMap,
         deadline: Instant,
     ) -> Clearance {
-        if self.proof.borrow().unprovable_at.is_some_and(|at| at.elapsed() < UNPROVABLE_PAUSE) {
+        // Without a database that takes a NOTIFY nothing can be known either way: PostgREST may
+        // still work, so the write goes on, counted.
+        if !self.database.is_connected()
+            || self.proof.borrow().unprovable_at.is_some_and(|at| at.elapsed() < UNPROVABLE_PAUSE)
+        {
             return Clearance::Unverified;
         }
         if target.name.len() > MAX_IDENTIFIER_BYTES || target.schema.len() > MAX_IDENTIFIER_BYTES {
             return Clearance::Current;
         }
         let asked = Instant::now();
-        let current = match self.current(target, deadline).await {
+        let current = match self.current(target, deadline.min(Instant::now() + self.query_timeout)).await {
             Ok(definitions) => definitions,
             Err(reason) => {
                 tracing::warn!(%reason, "write barrier: the catalog could not be read; forwarding unverified");
@@ -250,18 +264,24 @@ impl WriteBarrier {
         };
         let key = (target.kind, target.schema.clone(), target.name.clone());
         let now = current.get(&key);
-        let proved = self.proof.borrow().snapshot.clone();
-        let stale = match (&proved, now) {
-            // Nothing proved yet: what PostgREST holds is unknown.
-            (None, _) => true,
-            (Some(_), None) => false,
+        let proof = self.proof.borrow().clone();
+        let known_stale = match (&proof.snapshot, now) {
+            // Nothing proved yet: what PostgREST holds is unknown, not known to be stale.
+            (None, _) => {
+                if proof.failed_at.is_some_and(|at| at.elapsed() < UNPROVABLE_PAUSE) {
+                    return Clearance::Unverified;
+                }
+                false
+            }
+            (Some(_), None) => return Clearance::Current,
             (Some(snapshot), Some(now)) => {
-                snapshot.get(&key).is_some_and(|then| may_alter_silently(then, now, missing_default))
+                if !snapshot.get(&key).is_some_and(|then| may_alter_silently(then, now, missing_default)) {
+                    return Clearance::Current;
+                }
+                true
             }
         };
-        if !stale {
-            return Clearance::Current;
-        }
+        let wait_until = if known_stale { deadline } else { deadline.min(Instant::now() + UNKNOWN_WAIT) };
         let held = Instant::now();
         {
             let mut credentials = self.credentials.lock().expect("barrier lock");
@@ -283,13 +303,15 @@ impl WriteBarrier {
         self.waiters.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let settled =
             proof.wait_for(|p| p.began.is_some_and(|at| at >= asked) || p.unprovable_at.is_some_and(|at| at >= asked));
-        let outcome = tokio::time::timeout_at(deadline, settled).await.ok().and_then(|r| r.ok()).map(|p| p.clone());
+        let outcome = tokio::time::timeout_at(wait_until, settled).await.ok().and_then(|r| r.ok()).map(|p| p.clone());
         self.waiters.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.metrics.observe_write_hold(held.elapsed());
         match outcome {
             Some(proof) if proof.began.is_some_and(|at| at >= asked) => Clearance::Held,
             Some(_) => Clearance::Unverified,
-            None => Clearance::TimedOut,
+            // Known stale and no proof by the deadline: not sent. Unknown: sent, unverified.
+            None if known_stale => Clearance::TimedOut,
+            None => Clearance::Unverified,
         }
     }
 
@@ -407,7 +429,7 @@ impl WriteBarrier {
                 }
             }
         }
-        if let Err(e) = self.database.notify_reload(deadline).await {
+        if let Err(e) = self.database.notify_reload_for_proof(deadline).await {
             tracing::warn!(error = %e, "write barrier: the reload NOTIFY failed; writes go on unverified");
             return Err(ProofFailure::Unprovable);
         }
@@ -429,7 +451,7 @@ impl WriteBarrier {
             // Idle, PostgREST loads once per NOTIFY: the second load needs a second NOTIFY.
             if !nudged && instances.iter().all(Loads::rose) {
                 nudged = true;
-                if let Err(e) = self.database.notify_reload(deadline).await {
+                if let Err(e) = self.database.notify_reload_for_proof(deadline).await {
                     tracing::warn!(error = %e, "write barrier: the second reload NOTIFY failed; writes go on unverified");
                     return Err(ProofFailure::Unprovable);
                 }
@@ -548,16 +570,19 @@ async fn run_proofs(barrier: std::sync::Weak<WriteBarrier>) {
             }
             continue;
         }
-        let asked = Instant::now();
         match strong.prove().await {
             Ok(()) => {
                 failures = 0;
                 continue;
             }
             Err(ProofFailure::Unprovable) => {
-                strong.proof.send_modify(|proof| proof.unprovable_at = Some(asked));
+                // Every write waiting now learns it: none can be proved for a while.
+                strong.proof.send_modify(|proof| {
+                    proof.unprovable_at = Some(Instant::now());
+                    proof.failed_at = Some(Instant::now());
+                });
             }
-            Err(ProofFailure::Slow) => {}
+            Err(ProofFailure::Slow) => strong.proof.send_modify(|proof| proof.failed_at = Some(Instant::now())),
         }
         // The proof failed (database, admin server): the writes waiting give up at their deadlines.
         // Try again after a growing pause, and only while a write still waits for it.
