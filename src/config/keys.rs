@@ -106,7 +106,7 @@ pub const KEYS: &[Key] = &[
         "PGRST_GUARD_WRITE_BARRIER",
         "write_barrier",
         Some("true"),
-        "hold each write until PostgREST's cache is shown to hold its target's current types and defaults (true or false; proofs need the admin URL)",
+        "hold each write until PostgREST's cache is shown to hold its target's current types and defaults (true or false)",
     ),
     key(
         "PGRST_GUARD_CATALOG_RECHECK_MS",

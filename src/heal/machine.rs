@@ -531,6 +531,14 @@ impl<'a, S> Heal<'a, S> {
         self.covers(flight) && done.is_some_and(|done| done <= self.sent_at)
     }
 
+    /// Did this heal wait on a reload that surely saw the object, whose end nothing could show (no
+    /// load counter)?
+    fn waited_out_unobserved_reload(&self) -> bool {
+        let covering =
+            |flight: &crate::reload::Flight| self.covers(flight) && flight.progress().completion == Completion::Backoff;
+        self.covered || self.ticket.as_ref().is_some_and(|ticket| covering(ticket.flight()))
+    }
+
     /// Was the last replay sent after a covering reload had finished on every instance?
     fn cure_was_due(&self) -> bool {
         let Some(ticket) = &self.ticket else { return false };
@@ -562,8 +570,13 @@ impl<'a, S> Heal<'a, S> {
             } else if outcome == HealOutcome::GaveUp && stale_again && self.cure_was_proved() {
                 // A reload that surely saw the object completed before the last replay was sent,
                 // and the error stayed. A heal that only ran out of time proves nothing: a reload
-                // slower than the deadline must not mark a real object.
+                // slower than the deadline must not mark a real object uncurable.
                 catalog.reload_did_not_cure(object, definition);
+            } else if outcome == HealOutcome::GaveUp && stale_again && self.waited_out_unobserved_reload() {
+                // Without a load counter a reload's end cannot be seen: the object is only doubted.
+                // No more NOTIFYs for it in this definition, but its requests still replay twice
+                // with back-off, so a real object whose reload was merely slow heals once it lands.
+                catalog.doubt(definition);
             }
         }
         if outcome == HealOutcome::Healed {

@@ -166,7 +166,13 @@ family_matrix!(a_reload_that_did_not_cure_is_not_repeated_until_the_object_chang
     let r = bed.http.get(&format!("{}{path}", guard.url())).await;
     assert_eq!((r.status, r.text()), (direct.status, direct.text()));
     let metrics = guard.render_metrics();
-    assert!(metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST200\",outcome=\"uncurable\"}") > 0, "{metrics}");
+    if family.has_load_metrics() {
+        assert!(metric(&metrics, "pgrst_guard_heals_total{code=\"PGRST200\",outcome=\"uncurable\"}") > 0, "{metrics}");
+    } else {
+        // No load counter: the reload's end cannot be seen, so the object is doubted (no NOTIFY,
+        // two back-off replays), never marked uncurable on a timeout.
+        assert!(metric(&metrics, "pgrst_guard_catalog_checks_total{result=\"doubted\"}") > 0, "{metrics}");
+    }
 
     // The view changes: now it carries the key, and the same embed heals with one more NOTIFY.
     bed.pg.sql("CREATE OR REPLACE VIEW project_names AS SELECT name, id FROM projects").await;
