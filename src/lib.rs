@@ -226,7 +226,7 @@ impl RunningGuard {
             // belong to the start.
             let bound = config.heal_deadline.min(std::time::Duration::from_secs(3));
             if !barrier.first_proof(tokio::time::Instant::now() + bound).await {
-                tracing::warn!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one, or go on unverified where none can be had");
+                tracing::info!("write barrier: no proof of PostgREST's schema cache yet; writes wait for one, or go on unverified where none can be had");
             }
         }
 

@@ -320,7 +320,14 @@ impl Database {
         let channel = self.settings.channel.as_str();
         let mut may_retry = true;
         loop {
-            match self.run(deadline, "SELECT pg_notify($1, 'reload schema')", &[(&channel, Type::TEXT)]).await {
+            // The same NOTIFY either way; the statements differ only so that a proxy or a log can tell
+            // a heal's reload from a write barrier's proof.
+            let statement = if counted {
+                "SELECT pg_notify($1, 'reload schema')"
+            } else {
+                "SELECT pg_notify($1, 'reload schema') AS write_barrier_proof"
+            };
+            match self.run(deadline, statement, &[(&channel, Type::TEXT)]).await {
                 Ok(_) => {
                     self.set_notifying(Notifying::Proved);
                     if counted {
