@@ -6,8 +6,10 @@
 -- defaults), result, kind and volatility, hashed (`funcsSqlQuery`). Content only: TRUNCATE,
 -- GRANT, VACUUM FULL or an identical CREATE OR REPLACE leave every row of this the same.
 --
--- $1 the schemas, $2 relation names (NULL: every relation of the schemas), $3 function names
--- (NULL: every function of the schemas). One row per relation or function name.
+-- Two statements, relations then functions (split at the marker line below), each in two forms:
+-- for named targets (`{names}` becomes `AND <name> = ANY ($2::text[])`, which the catalog's name
+-- indexes serve) and for a whole snapshot (`{names}` becomes nothing). $1 the schemas, $2 the
+-- names. One row per relation or function name.
 SELECT 'r' AS kind, n.nspname::text AS schema, c.relname::text AS name,
        array_agg(a.attname::text ORDER BY a.attnum) AS columns,
        array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) AS types,
@@ -18,14 +20,16 @@ SELECT 'r' AS kind, n.nspname::text AS schema, c.relname::text AS name,
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
   LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
  WHERE n.nspname = ANY ($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND NOT c.relispartition
-   AND ($2::text[] IS NULL OR c.relname = ANY ($2::text[]))
+   {names}
  GROUP BY n.nspname, c.relname
-UNION ALL
-SELECT 'f', o.schema, o.name, NULL, NULL, NULL, md5(string_agg(o.definition, ',' ORDER BY o.definition))
+;
+-- functions
+SELECT 'f' AS kind, o.schema, o.name, NULL::text[] AS columns, NULL::text[] AS types, NULL::text[] AS defaults,
+        md5(string_agg(o.definition, ',' ORDER BY o.definition)) AS fingerprint
   FROM (SELECT n.nspname::text AS schema, p.proname::text AS name,
                concat_ws(':', pg_get_function_arguments(p.oid), pg_get_function_result(p.oid), p.prokind::text,
                          p.provolatile::text) AS definition
           FROM pg_proc p
           JOIN pg_namespace n ON n.oid = p.pronamespace
-         WHERE n.nspname = ANY ($1::text[]) AND ($3::text[] IS NULL OR p.proname = ANY ($3::text[]))) AS o
+         WHERE n.nspname = ANY ($1::text[]) {names}) AS o
  GROUP BY o.schema, o.name

@@ -64,8 +64,27 @@ use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
 use marker::{Marker, MarkerFailure};
 
-/// The definitions of relations and functions (definitions.sql).
-const DEFINITIONS_SQL: &str = include_str!("definitions.sql");
+/// The definitions of relations and functions (definitions.sql): its two statements, each for named
+/// targets and for a whole snapshot.
+struct DefinitionQueries {
+    relations_named: String,
+    relations_all: String,
+    functions_named: String,
+    functions_all: String,
+}
+
+static DEFINITIONS: std::sync::LazyLock<DefinitionQueries> = std::sync::LazyLock::new(|| {
+    let sql = include_str!("definitions.sql");
+    let (relations, functions) = sql.split_once("\n;\n").expect("definitions.sql holds two statements");
+    let named =
+        |statement: &str, column: &str| statement.replace("{names}", &format!("AND {column} = ANY ($2::text[])"));
+    DefinitionQueries {
+        relations_named: named(relations, "c.relname"),
+        relations_all: relations.replace("{names}", ""),
+        functions_named: named(functions, "p.proname"),
+        functions_all: functions.replace("{names}", ""),
+    }
+});
 
 /// PostgreSQL's identifiers are at most this long: a longer name is no catalog object.
 const MAX_IDENTIFIER_BYTES: usize = 63;
@@ -335,37 +354,58 @@ impl WriteBarrier {
 
     /// Reads definitions: of `targets`, or of everything in the exposed schemas.
     async fn read(&self, targets: Option<&HashSet<WriteTarget>>, deadline: Instant) -> Result<Definitions, String> {
-        let names = |kind: TargetKind| -> Option<Vec<String>> {
-            targets.map(|targets| targets.iter().filter(|t| t.kind == kind).map(|t| t.name.clone()).collect())
+        let names = |kind: TargetKind| -> Vec<String> {
+            targets
+                .map(|targets| targets.iter().filter(|t| t.kind == kind).map(|t| t.name.clone()).collect())
+                .unwrap_or_default()
         };
         let schemas: Vec<String> = match targets {
             Some(targets) => targets.iter().map(|t| t.schema.clone()).collect::<HashSet<_>>().into_iter().collect(),
             None => self.schemas.clone(),
         };
-        let (relations, functions) = (names(TargetKind::Relation), names(TargetKind::Function));
-        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] =
-            [(&schemas, Type::TEXT_ARRAY), (&relations, Type::TEXT_ARRAY), (&functions, Type::TEXT_ARRAY)];
-        let rows = self.database.query(deadline, DEFINITIONS_SQL, &params).await.map_err(|e| e.to_string())?;
+        let queries = &*DEFINITIONS;
         let mut definitions = Definitions::new();
-        for row in rows {
-            let (Ok(kind), Ok(schema), Ok(name)) = (
-                row.try_get::<_, String>("kind"),
-                row.try_get::<_, String>("schema"),
-                row.try_get::<_, String>("name"),
-            ) else {
-                continue;
-            };
-            let (kind, definition) = if kind == "r" {
-                let columns: Vec<String> = row.try_get("columns").unwrap_or_default();
-                let types: Vec<String> = row.try_get("types").unwrap_or_default();
-                let defaults: Vec<String> = row.try_get("defaults").unwrap_or_default();
-                let columns = columns.into_iter().zip(types).zip(defaults).map(|((c, t), d)| (c, t, d)).collect();
-                (TargetKind::Relation, Definition::Relation(columns))
-            } else {
-                let fingerprint: Option<String> = row.try_get("fingerprint").unwrap_or_default();
-                (TargetKind::Function, Definition::Function(fingerprint.unwrap_or_default()))
-            };
-            definitions.insert((kind, schema, name), definition);
+        for (kind, named, all) in [
+            (TargetKind::Relation, &queries.relations_named, &queries.relations_all),
+            (TargetKind::Function, &queries.functions_named, &queries.functions_all),
+        ] {
+            let wanted = names(kind);
+            let rows = match targets {
+                // Only the kinds a batch names: a write to a table costs one query, not two.
+                Some(_) if wanted.is_empty() => continue,
+                Some(_) => {
+                    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+                        [(&schemas, Type::TEXT_ARRAY), (&wanted, Type::TEXT_ARRAY)];
+                    self.database.query(deadline, named, &params).await
+                }
+                None => {
+                    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+                        [(&schemas, Type::TEXT_ARRAY)];
+                    self.database.query(deadline, all, &params).await
+                }
+            }
+            .map_err(|e| e.to_string())?;
+            for row in rows {
+                let (Ok(schema), Ok(name)) = (row.try_get::<_, String>("schema"), row.try_get::<_, String>("name"))
+                else {
+                    continue;
+                };
+                let definition = match kind {
+                    TargetKind::Relation => {
+                        let columns: Vec<String> = row.try_get("columns").unwrap_or_default();
+                        let types: Vec<String> = row.try_get("types").unwrap_or_default();
+                        let defaults: Vec<String> = row.try_get("defaults").unwrap_or_default();
+                        Definition::Relation(
+                            columns.into_iter().zip(types).zip(defaults).map(|((c, t), d)| (c, t, d)).collect(),
+                        )
+                    }
+                    TargetKind::Function => {
+                        let fingerprint: Option<String> = row.try_get("fingerprint").unwrap_or_default();
+                        Definition::Function(fingerprint.unwrap_or_default())
+                    }
+                };
+                definitions.insert((kind, schema, name), definition);
+            }
         }
         Ok(definitions)
     }
