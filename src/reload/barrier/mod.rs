@@ -74,14 +74,14 @@ struct DefinitionQueries {
 }
 
 static DEFINITIONS: std::sync::LazyLock<DefinitionQueries> = std::sync::LazyLock::new(|| {
-    let sql = include_str!("definitions.sql");
-    let (relations, functions) = sql.split_once("\n;\n").expect("definitions.sql holds two statements");
-    let named =
-        |statement: &str, column: &str| statement.replace("{names}", &format!("AND {column} = ANY ($2::text[])"));
+    let statements: Vec<&str> = include_str!("definitions.sql").split("\n;\n").collect();
+    let [relations, functions, relations_named] = statements[..] else {
+        panic!("definitions.sql holds three statements");
+    };
     DefinitionQueries {
-        relations_named: named(relations, "c.relname"),
+        relations_named: relations_named.to_string(),
         relations_all: relations.replace("{names}", ""),
-        functions_named: named(functions, "p.proname"),
+        functions_named: functions.replace("{names}", "AND p.proname = ANY ($2::text[])"),
         functions_all: functions.replace("{names}", ""),
     }
 });
@@ -373,6 +373,30 @@ impl WriteBarrier {
             let rows = match targets {
                 // Only the kinds a batch names: a write to a table costs one query, not two.
                 Some(_) if wanted.is_empty() => continue,
+                Some(targets) if kind == TargetKind::Relation => {
+                    let (schemas, names): (Vec<String>, Vec<String>) =
+                        targets.iter().filter(|t| t.kind == kind).map(|t| (t.schema.clone(), t.name.clone())).unzip();
+                    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+                        [(&schemas, Type::TEXT_ARRAY), (&names, Type::TEXT_ARRAY)];
+                    let rows = self.database.query(deadline, named, &params).await.map_err(|e| e.to_string())?;
+                    for row in rows {
+                        let (Ok(schema), Ok(name), Ok(column), Ok(nominal), Ok(default)) = (
+                            row.try_get::<_, String>("schema"),
+                            row.try_get::<_, String>("name"),
+                            row.try_get::<_, String>("col"),
+                            row.try_get::<_, String>("type"),
+                            row.try_get::<_, String>("def"),
+                        ) else {
+                            continue;
+                        };
+                        let entry =
+                            definitions.entry((kind, schema, name)).or_insert_with(|| Definition::Relation(Vec::new()));
+                        if let Definition::Relation(columns) = entry {
+                            columns.push((column, nominal, default));
+                        }
+                    }
+                    continue;
+                }
                 Some(_) => {
                     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
                         [(&schemas, Type::TEXT_ARRAY), (&wanted, Type::TEXT_ARRAY)];
