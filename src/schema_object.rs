@@ -3,6 +3,10 @@
 
 use http::Method;
 
+/// PostgreSQL's identifiers are at most this long (NAMEDATALEN - 1): a longer name is no catalog
+/// object, whatever a client sends.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
 /// What the error says is missing, read from PostgREST's message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MissingObject {

@@ -5,7 +5,7 @@
 
 use http::Method;
 
-use crate::support::guard::{start_guard, NotifyCounter};
+use crate::support::guard::{metric, start_guard, NotifyCounter};
 use crate::support::postgrest::Family;
 use crate::support::RealBed;
 
@@ -85,11 +85,6 @@ async fn status_of(bed: &RealBed, reference: &str) -> String {
         .get(0)
 }
 
-async fn metric(bed: &RealBed, guard: &pgrst_guard::RunningGuard, series: &str) -> u64 {
-    let text = bed.http.get(&format!("http://{}/metrics", guard.admin_addr.expect("an admin listener"))).await.text();
-    text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
-}
-
 async fn writes_after_a_migration_are_stored_as_sent(family: Family, event_trigger: bool, with_admin: bool) {
     let setup = if event_trigger { format!("{SCHEMA}{EVENT_TRIGGER}") } else { SCHEMA.to_string() };
     let bed = RealBed::start(family, &setup).await;
@@ -117,7 +112,7 @@ async fn writes_after_a_migration_are_stored_as_sent(family: Family, event_trigg
         }
     }
     // Through the guard, sent right after the commit.
-    let held_before = metric(&bed, &guard, "pgrst_guard_write_barrier_total{result=\"held\"}").await;
+    let held_before = metric(&guard.render_metrics(), "pgrst_guard_write_barrier_total{result=\"held\"}");
     let through = post(&bed, &guard.url(), "/readings", &READING.replace("TAG", "guard"), "return=minimal").await;
     assert_eq!(through.status, 201, "{}", through.text());
     let got = stored(&bed, "guard").await;
@@ -155,15 +150,15 @@ async fn writes_after_a_migration_are_stored_as_sent(family: Family, event_trigg
         .await;
         assert_eq!(upsert.status, 201, "{}", upsert.text());
         assert_eq!(stored(&bed, "bulk").await[2], "3.456789");
-        let held = metric(&bed, &guard, "pgrst_guard_write_barrier_total{result=\"held\"}").await;
+        let held = metric(&guard.render_metrics(), "pgrst_guard_write_barrier_total{result=\"held\"}");
         assert!(held > held_before, "the writes were held");
         // TRUNCATE and GRANT changed nothing PostgREST caches: a write to that table is not held.
-        let held = metric(&bed, &guard, "pgrst_guard_write_barrier_total{result=\"held\"}").await;
+        let held = metric(&guard.render_metrics(), "pgrst_guard_write_barrier_total{result=\"held\"}");
         let unchanged = post(&bed, &guard.url(), "/untouched", r#"{"id":2,"note":"after"}"#, "return=minimal").await;
         assert_eq!(unchanged.status, 201, "{}", unchanged.text());
-        assert_eq!(metric(&bed, &guard, "pgrst_guard_write_barrier_total{result=\"held\"}").await, held);
+        assert_eq!(metric(&guard.render_metrics(), "pgrst_guard_write_barrier_total{result=\"held\"}"), held);
     }
-    assert_eq!(metric(&bed, &guard, "pgrst_guard_write_barrier_total{result=\"unverified\"}").await, 0);
+    assert_eq!(metric(&guard.render_metrics(), "pgrst_guard_write_barrier_total{result=\"unverified\"}"), 0);
 }
 
 // The default configuration: no admin URL, so the proof is the marker view.

@@ -29,7 +29,7 @@ const PROBE_GAP: Duration = Duration::from_millis(20);
 
 /// Headers a probe borrows from a waiting write, so that a gateway in front of PostgREST (Supabase's
 /// requires `apikey`) lets it through. OPTIONS reads no data.
-const BORROWED: [&str; 2] = ["apikey", "authorization"];
+pub(super) const BORROWED: [&str; 2] = ["apikey", "authorization"];
 
 pub(super) struct Marker {
     client: Client<UpstreamConnector, Empty<Bytes>>,

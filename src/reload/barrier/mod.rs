@@ -62,7 +62,8 @@ use super::database::Database;
 use super::load_counter::{LoadCounter, ProbeError};
 use crate::config::UpstreamUrl;
 use crate::metrics::Metrics;
-use marker::{Marker, MarkerFailure};
+use crate::schema_object::MAX_IDENTIFIER_BYTES;
+use marker::{Marker, MarkerFailure, BORROWED};
 
 /// The definitions of relations and functions (definitions.sql): its two statements, each for named
 /// targets and for a whole snapshot.
@@ -85,9 +86,6 @@ static DEFINITIONS: std::sync::LazyLock<DefinitionQueries> = std::sync::LazyLock
         functions_all: functions.replace("{names}", ""),
     }
 });
-
-/// PostgreSQL's identifiers are at most this long: a longer name is no catalog object.
-const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// What a write depends on: the relation it writes, or the function it calls.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -305,7 +303,7 @@ impl WriteBarrier {
         {
             let mut credentials = self.credentials.lock().expect("barrier lock");
             credentials.clear();
-            for name in ["apikey", "authorization"] {
+            for name in BORROWED {
                 if let Some(value) = headers.get(name) {
                     credentials.insert(name, value.clone());
                 }

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
 use super::database::Database;
-use crate::schema_object::MissingObject;
+use crate::schema_object::{MissingObject, MAX_IDENTIFIER_BYTES};
 
 /// PostgREST's cache of tables and views: `src/PostgREST/SchemaCache.hs` (`tablesSqlQuery`).
 static TABLES_SQL: LazyLock<String> = LazyLock::new(|| with_fingerprints(include_str!("tables.sql")));
@@ -74,10 +74,6 @@ fn with_fingerprints(sql: &str) -> String {
     }
     out
 }
-
-/// PostgreSQL's identifiers are at most this long (NAMEDATALEN - 1): a longer name is no catalog
-/// object, whatever a client sends.
-const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// The catalog object a check resolved to, and what PostgREST caches of it. Marks are keyed by the
 /// identity (oids and names the catalog vouched for), never by the text of a request or a message,
