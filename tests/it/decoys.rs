@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::support::client::HttpClient;
-use crate::support::guard::{start_guard, GuardProcess, NotifyCounter};
+use crate::support::guard::{metric, start_guard, GuardProcess, NotifyCounter};
 use crate::support::postgrest::Family;
 use crate::support::RealBed;
 
@@ -113,15 +113,18 @@ async fn attacks_cost_at_most_one_notify_each(family: Family, with_admin: bool) 
         if with_admin { vec![("PGRST_GUARD_UPSTREAM_ADMIN", admin.as_str())] } else { Vec::new() };
     let guard = start_guard(&bed.postgrest.url(), &bed.pg.uri("postgres"), &keys).await;
     let notifies = NotifyCounter::listen(&bed.pg.uri("postgres"), "pgrst").await;
+    let answered = || metric(&guard.render_metrics(), "pgrst_guard_upstream_requests_total{result=\"answered\"}");
     let mut counts = Vec::new();
     for attack in attacks() {
-        let before = notifies.settled().await;
+        let (before, sent_before) = (notifies.settled().await, answered());
         flood(&bed.http, &guard.url(), &bed.postgrest.url(), &attack, 200).await;
-        counts.push((attack.name, notifies.settled().await - before));
+        counts.push((attack.name, notifies.settled().await - before, answered() - sent_before));
     }
-    println!("{family:?} (admin URL: {with_admin}): NOTIFYs per kind over 200 requests each: {counts:?}");
-    for (name, count) in counts {
+    println!("{family:?} (admin URL: {with_admin}): (NOTIFYs, upstream requests) per kind over 200 requests each: {counts:?}");
+    for (name, count, upstream) in counts {
         assert!(count <= 1, "{name}: {count} NOTIFYs");
+        // One upstream request per client request: nothing was replayed or probed.
+        assert_eq!(upstream, 200, "{name}: {upstream} upstream requests for 200 client requests");
     }
 }
 
